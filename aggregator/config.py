@@ -1,0 +1,157 @@
+"""The aggregator's configuration: one object, loaded once at start and validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import LoggingSection, MetricsSection, load_config, parse_hostport, require
+from common.model import ModelConfig
+
+AGGREGATION_MODES = ("plain", "secure")
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    listen: str = "0.0.0.0:7443"
+    # When set, the bound port is written here (useful with port 0 in tests and the demo).
+    port_file: str = ""
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_update_bytes: int = 512 * 1024 * 1024
+    max_workers: int = 32
+    # How long a Poll may be held open; agents ask for less, never more.
+    max_poll_wait_s: float = 30.0
+
+    def validate(self) -> None:
+        parse_hostport(self.listen, "server.listen")
+        require(self.max_message_bytes >= 64 * 1024, "server.max_message_bytes", "must be at least 65536")
+        require(self.max_update_bytes > 0, "server.max_update_bytes", "must be positive")
+        require(self.max_workers >= 4, "server.max_workers", "must be at least 4")
+        require(self.max_poll_wait_s > 0, "server.max_poll_wait_s", "must be positive")
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    ca_cert: Path
+    cert: Path
+    key: Path
+    # X.509 CRL signed by the federation CA; re-read when it changes, no restart needed.
+    crl: Path | None = None
+
+    def validate(self) -> None:
+        for name in ("ca_cert", "cert", "key"):
+            path = getattr(self, name)
+            require(path.is_file(), f"tls.{name}", f"file {path} does not exist")
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    state_dir: Path
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.state_dir / "checkpoints"
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    arch: str = "lesionnet"
+    input_size: int = 64
+    width: int = 32
+    dropout: float = 0.1
+    seed: int = 0
+
+    def to_model_config(self) -> ModelConfig:
+        return ModelConfig(
+            arch=self.arch, input_size=self.input_size, width=self.width, dropout=self.dropout
+        )
+
+    def validate(self) -> None:
+        require(self.input_size >= 16, "model.input_size", "must be at least 16")
+        require(self.width >= 4, "model.width", "must be at least 4")
+        require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RoundsSection:
+    aggregation: str = "plain"
+    min_clinics: int = 2
+    max_cohort: int = 100
+    # Wait until this many clinics are connected before starting a round (0: min_clinics).
+    start_when_connected: int = 0
+    # Seconds between the end of one round and the start of the next.
+    interval_s: float = 0.0
+    # Stop scheduling after this many finished rounds (0: run forever).
+    max_rounds: int = 0
+    # A clinic counts as connected if it polled within this many seconds.
+    connected_timeout_s: float = 30.0
+    train_deadline_s: float = 1800.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.aggregation in AGGREGATION_MODES, "rounds.aggregation",
+                f"must be one of {', '.join(AGGREGATION_MODES)}")
+        require(self.min_clinics >= 1, "rounds.min_clinics", "must be at least 1")
+        require(self.max_cohort >= self.min_clinics, "rounds.max_cohort",
+                "must be at least rounds.min_clinics")
+        require(self.start_when_connected >= 0, "rounds.start_when_connected", "must be >= 0")
+        require(self.interval_s >= 0, "rounds.interval_s", "must be >= 0")
+        require(self.max_rounds >= 0, "rounds.max_rounds", "must be >= 0")
+        require(self.connected_timeout_s > 0, "rounds.connected_timeout_s", "must be positive")
+        require(self.train_deadline_s > 0, "rounds.train_deadline_s", "must be positive")
+
+
+@dataclass(frozen=True)
+class PlanSection:
+    """Training settings sent to every clinic in a round plan."""
+
+    local_epochs: int = 1
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    fedprox_mu: float = 0.0
+    batch_size: int = 32
+    delta_clip_norm: float = 0.0
+
+    def validate(self) -> None:
+        require(self.local_epochs >= 1, "plan.local_epochs", "must be at least 1")
+        require(self.optimizer in ("sgd", "adam"), "plan.optimizer", "must be 'sgd' or 'adam'")
+        require(self.learning_rate > 0, "plan.learning_rate", "must be positive")
+        require(self.fedprox_mu >= 0, "plan.fedprox_mu", "must be >= 0")
+        require(self.batch_size >= 1, "plan.batch_size", "must be at least 1")
+        require(self.delta_clip_norm >= 0, "plan.delta_clip_norm", "must be >= 0 (0 = unclipped)")
+
+
+@dataclass(frozen=True)
+class ValidationSection:
+    # Held-out data (HAM10000 layout, class folders or an index CSV); empty = no evaluation.
+    holdout: Path | None = None
+    max_examples: int = 0
+
+    def validate(self) -> None:
+        if self.holdout is not None and str(self.holdout):
+            require(self.holdout.exists(), "validation.holdout", f"{self.holdout} does not exist")
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    federation: str
+    tls: TlsSection
+    storage: StorageSection
+    server: ServerSection = field(default_factory=ServerSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    rounds: RoundsSection = field(default_factory=RoundsSection)
+    plan: PlanSection = field(default_factory=PlanSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def validate(self) -> None:
+        require(bool(self.federation), "federation", "must not be empty")
+
+
+def load_aggregator_config(path: Path | None, **kwargs: object) -> AggregatorConfig:
+    return load_config(AggregatorConfig, path, **kwargs)  # type: ignore[arg-type]

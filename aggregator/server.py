@@ -1,0 +1,141 @@
+"""Assemble and run the aggregator service from its configuration.
+
+Start-up is split into small steps (storage, coordinator, gRPC server, metrics) so tests
+can build a real service on port 0 in-process and the CLI can run it as a daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, start_http_server
+
+from aggregator.checkpoints import CheckpointStore
+from aggregator.config import AggregatorConfig
+from aggregator.coordinator import Coordinator
+from aggregator.ledger import Ledger
+from aggregator.metrics import AggregatorMetrics
+from aggregator.servicers import AdminServicer, FederationServicer
+from aggregator.validation import HoldoutEvaluator
+from common.config import parse_hostport
+from common.identity import PeerAuthenticator, RevocationList
+from common.pki import load_certificate
+from common.tls import SERVER_GRPC_OPTIONS, merge_options, server_credentials
+from dermafed.v1 import admin_pb2_grpc, federation_pb2_grpc
+
+log = logging.getLogger("dermafed.aggregator")
+
+FEDERATION_SERVICE = "dermafed.v1.Federation"
+ADMIN_SERVICE = "dermafed.v1.Admin"
+
+
+@dataclass
+class AggregatorService:
+    config: AggregatorConfig
+    coordinator: Coordinator
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    registry: CollectorRegistry
+    ledger: Ledger
+    metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        host, _ = parse_hostport(self.config.server.listen, "server.listen")
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop serving, abort a running round, and close the ledger cleanly."""
+        for service in ("", FEDERATION_SERVICE, ADMIN_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.coordinator.stop()
+        self.server.stop(grace).wait()
+        self.ledger.close()
+
+
+def build_service(config: AggregatorConfig, *, registry: CollectorRegistry | None = None,
+                  start_rounds: bool = True) -> AggregatorService:
+    registry = registry or CollectorRegistry()
+    metrics = AggregatorMetrics(registry)
+    config.storage.state_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(config.storage.ledger_path)
+    ledger.integrity_check()
+    store = CheckpointStore(config.storage.checkpoint_dir)
+    evaluator = None
+    if config.validation.holdout is not None and str(config.validation.holdout):
+        evaluator = HoldoutEvaluator(config.validation.holdout, config.model.to_model_config(),
+                                     max_examples=config.validation.max_examples)
+    coordinator = Coordinator(config, ledger=ledger, store=store, metrics=metrics,
+                              evaluator=evaluator)
+    coordinator.open()
+
+    ca_cert = load_certificate(config.tls.ca_cert)
+    auth = PeerAuthenticator(config.federation, RevocationList(config.tls.crl, ca_cert))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.server.max_workers,
+                                   thread_name_prefix="grpc"),
+        options=merge_options(SERVER_GRPC_OPTIONS, [
+            ("grpc.max_receive_message_length", config.server.max_message_bytes),
+            ("grpc.max_send_message_length", config.server.max_message_bytes),
+        ]),
+        maximum_concurrent_rpcs=config.server.max_workers * 4,
+    )
+    federation_pb2_grpc.add_FederationServicer_to_server(
+        FederationServicer(coordinator, auth, metrics,
+                           max_poll_wait_s=config.server.max_poll_wait_s,
+                           max_update_bytes=config.server.max_update_bytes),
+        server,
+    )
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(coordinator, auth, metrics), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    host, port = parse_hostport(config.server.listen, "server.listen")
+    bound = server.add_secure_port(
+        f"{host}:{port}", server_credentials(config.tls.ca_cert, config.tls.cert, config.tls.key)
+    )
+    if bound == 0:
+        raise OSError(f"cannot listen on {config.server.listen}")
+    server.start()
+    if start_rounds:
+        coordinator.start()
+    # Only now is the ledger open and the port bound: report SERVING to probes.
+    for service in ("", FEDERATION_SERVICE, ADMIN_SERVICE):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port = None
+    if config.metrics.listen:
+        mhost, mport = parse_hostport(config.metrics.listen, "metrics.listen")
+        http_server, _ = start_http_server(mport, addr=mhost, registry=registry)
+        metrics_port = int(http_server.server_port)
+    if config.server.port_file:
+        Path(config.server.port_file).write_text(f"{bound}\n")
+    log.info("aggregator for federation %r listening on %s:%d", config.federation, host, bound)
+    return AggregatorService(config, coordinator, server, bound, health_servicer, registry,
+                             ledger, metrics_port)
+
+
+def serve_forever(config: AggregatorConfig) -> int:
+    """Run until SIGTERM/SIGINT, then stop gracefully (the running round is aborted)."""
+    service = build_service(config)
+    done = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received signal %d, shutting down", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    done.wait()
+    service.stop()
+    log.info("aggregator stopped")
+    return 0

@@ -1,0 +1,1 @@
+"""dermafed: clinic_agent."""

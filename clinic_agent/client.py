@@ -1,0 +1,108 @@
+"""The clinic's side of the wire: every call outbound, every call with a deadline.
+
+This module only speaks gRPC. Deciding what to do with a task lives in
+:mod:`clinic_agent.daemon`; training lives in :mod:`clinic_agent.training`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from common.tensors import TensorSpec, encode_f32le
+from common.tls import channel_credentials, secure_channel
+from dermafed.v1 import federation_pb2, federation_pb2_grpc
+
+CHUNK_BYTES = 1 << 20
+
+# Codes worth retrying after a pause: the aggregator is restarting, overloaded or the
+# network blinked. Anything else is an answer, not an outage.
+RETRYABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+})
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str               # "idle" | "train"
+    plan: federation_pb2.RoundPlan | None
+    published_checkpoint: str
+    published_round: int
+    retry_after_s: float
+
+
+class FederationClient:
+    def __init__(self, address: str, *, ca_cert: object, cert: object, key: object,
+                 server_name: str = "", rpc_timeout_s: float = 30.0,
+                 transfer_timeout_s: float = 600.0) -> None:
+        creds = channel_credentials(ca_cert, cert, key)  # type: ignore[arg-type]
+        options: list[tuple[str, object]] = []
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        self.channel = secure_channel(address, creds, options=options)
+        self.stub = federation_pb2_grpc.FederationStub(self.channel)
+        self.rpc_timeout_s = rpc_timeout_s
+        self.transfer_timeout_s = transfer_timeout_s
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def poll(self, last_round: int, wait_s: float) -> Task:
+        resp = self.stub.Poll(
+            federation_pb2.PollRequest(wait_ms=int(wait_s * 1000), last_round=last_round),
+            timeout=wait_s + self.rpc_timeout_s,
+        )
+        kind = "train" if resp.kind == federation_pb2.PollResponse.TRAIN else "idle"
+        return Task(kind, resp.plan if kind == "train" else None, resp.published_checkpoint,
+                    resp.published_round, resp.retry_after_ms / 1000.0)
+
+    def download(self, checkpoint: str) -> bytes:
+        """Fetch a checkpoint and check it hashes to its content address."""
+        buf = bytearray()
+        total = None
+        for chunk in self.stub.DownloadCheckpoint(
+            federation_pb2.DownloadCheckpointRequest(checkpoint=checkpoint),
+            timeout=self.transfer_timeout_s,
+        ):
+            if total is None:
+                total = chunk.total_bytes
+            buf += chunk.data
+        data = bytes(buf)
+        if total is not None and len(data) != total:
+            raise ValueError(f"checkpoint download truncated: {len(data)} of {total} bytes")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != checkpoint:
+            raise ValueError(f"checkpoint hash mismatch: asked {checkpoint[:12]}, got {digest[:12]}")
+        return data
+
+    def upload(self, *, round_number: int, specs: Sequence[TensorSpec], vector: np.ndarray,
+               weight: float, train_loss: float, train_seconds: float) -> int:
+        payload = memoryview(encode_f32le(vector))
+        header = federation_pb2.UpdateHeader(
+            round=round_number, encoding="f32le", total_bytes=len(payload), weight=weight,
+            train_loss=train_loss, train_seconds=train_seconds,
+            tensors=[federation_pb2.TensorSpec(name=s.name, shape=list(s.shape), dtype=s.dtype)
+                     for s in specs],
+        )
+
+        def chunks() -> Iterator[federation_pb2.UpdateChunk]:
+            yield federation_pb2.UpdateChunk(header=header)
+            for start in range(0, len(payload), CHUNK_BYTES):
+                yield federation_pb2.UpdateChunk(data=bytes(payload[start:start + CHUNK_BYTES]))
+
+        receipt = self.stub.UploadUpdate(chunks(), timeout=self.transfer_timeout_s)
+        return int(receipt.bytes_received)
+
+    def decline(self, round_number: int, reason: str, detail: str) -> None:
+        self.stub.DeclineRound(
+            federation_pb2.DeclineRequest(round=round_number, reason=reason, detail=detail),
+            timeout=self.rpc_timeout_s,
+        )

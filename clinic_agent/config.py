@@ -1,0 +1,97 @@
+"""The clinic agent's configuration: one object, loaded once at start and validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import LoggingSection, MetricsSection, load_config, parse_hostport, require
+
+
+@dataclass(frozen=True)
+class AggregatorSection:
+    address: str
+    # TLS name to verify in the aggregator's certificate when it differs from the host.
+    server_name: str = ""
+
+    def validate(self) -> None:
+        parse_hostport(self.address, "aggregator.address")
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+    def validate(self) -> None:
+        for name in ("ca_cert", "cert", "key"):
+            path = getattr(self, name)
+            require(path.is_file(), f"tls.{name}", f"file {path} does not exist")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    # HAM10000 layout, class-named folders, or an index CSV; re-read before every round.
+    path: Path
+
+    def validate(self) -> None:
+        require(self.path.exists(), "data.path", f"{self.path} does not exist")
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    threads: int = 0                 # 0: let PyTorch decide
+    class_weighting: str = "balanced"
+    augment: bool = True
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.threads >= 0, "training.threads", "must be >= 0")
+        require(self.class_weighting in ("balanced", "none"), "training.class_weighting",
+                "must be 'balanced' or 'none'")
+        require(0 <= self.momentum < 1, "training.momentum", "must be in [0, 1)")
+        require(self.weight_decay >= 0, "training.weight_decay", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class NetworkSection:
+    poll_wait_s: float = 20.0
+    rpc_timeout_s: float = 30.0
+    transfer_timeout_s: float = 600.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+    def validate(self) -> None:
+        require(self.poll_wait_s > 0, "network.poll_wait_s", "must be positive")
+        require(self.rpc_timeout_s > 0, "network.rpc_timeout_s", "must be positive")
+        require(self.transfer_timeout_s > 0, "network.transfer_timeout_s", "must be positive")
+        require(0 < self.backoff_initial_s <= self.backoff_max_s, "network.backoff_initial_s",
+                "must be positive and at most network.backoff_max_s")
+
+
+@dataclass(frozen=True)
+class ClinicConfig:
+    federation: str
+    aggregator: AggregatorSection
+    tls: TlsSection
+    data: DataSection
+    storage: StorageSection
+    training: TrainingSection = field(default_factory=TrainingSection)
+    network: NetworkSection = field(default_factory=NetworkSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def validate(self) -> None:
+        require(bool(self.federation), "federation", "must not be empty")
+
+
+def load_clinic_config(path: Path | None, **kwargs: object) -> ClinicConfig:
+    return load_config(ClinicConfig, path, **kwargs)  # type: ignore[arg-type]

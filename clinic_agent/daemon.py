@@ -1,0 +1,210 @@
+"""The clinic agent daemon: poll, download, train locally, upload — and survive outages.
+
+The agent only ever opens outbound connections. Images and labels stay in this process;
+what leaves is the (clipped) weight delta of the whole model and the example count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from clinic_agent.client import RETRYABLE, FederationClient
+from clinic_agent.config import ClinicConfig
+from clinic_agent.metrics import AgentMetrics
+from clinic_agent.training import TrainConfig, compute_delta, train_local
+from common.backoff import Backoff
+from common.clipping import clip_l2
+from common.datasets import ImageCache, load_records
+from common.identity import identity_from_certificate
+from common.model import ModelConfig, build_model
+from common.pki import load_certificate
+from common.tensors import flatten, in_order, load_checkpoint_bytes, specs_of
+from dermafed.v1 import federation_pb2
+
+log = logging.getLogger("dermafed.agent")
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round: int
+    result: str          # "contributed" | "declined" | "failed"
+    detail: str = ""
+    train_loss: float | None = None
+    train_seconds: float = 0.0
+    protocol_seconds: float = 0.0
+
+
+class ClinicAgent:
+    def __init__(self, config: ClinicConfig, *, metrics: AgentMetrics,
+                 stop: threading.Event | None = None, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.stop_event = stop or threading.Event()
+        self._rng = rng or random.Random()
+        cert = load_certificate(config.tls.cert)
+        self.identity = identity_from_certificate(cert, config.federation)
+        if self.identity.role != "clinic":
+            raise ValueError(f"{config.tls.cert} is a {self.identity.role} certificate, "
+                             "not a clinic certificate")
+        self.clinic_id = self.identity.name
+        self.state_dir = config.storage.state_dir
+        self.checkpoint_dir = self.state_dir / "checkpoints"
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.client = FederationClient(
+            config.aggregator.address, ca_cert=config.tls.ca_cert, cert=config.tls.cert,
+            key=config.tls.key, server_name=config.aggregator.server_name,
+            rpc_timeout_s=config.network.rpc_timeout_s,
+            transfer_timeout_s=config.network.transfer_timeout_s,
+        )
+        self.images = ImageCache()
+        self.last_round = 0
+        self.history: list[RoundOutcome] = []
+
+    # -- main loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Poll until stopped; outages are retried with exponential backoff and jitter."""
+        net = self.config.network
+        backoff = Backoff(net.backoff_initial_s, net.backoff_max_s, self._rng)
+        log.info("clinic %s polling %s", self.clinic_id, self.config.aggregator.address)
+        while not self.stop_event.is_set():
+            try:
+                task = self.client.poll(self.last_round, net.poll_wait_s)
+            except grpc.RpcError as exc:
+                self.metrics.connected.set(0)
+                delay = backoff.next_delay()
+                level = logging.INFO if exc.code() in RETRYABLE else logging.ERROR
+                log.log(level, "poll failed (%s: %s); retrying in %.1fs", exc.code().name,
+                        exc.details(), delay)
+                self.stop_event.wait(delay)
+                continue
+            self.metrics.connected.set(1)
+            backoff.reset()
+            if task.kind == "train" and task.plan is not None and task.plan.round > self.last_round:
+                outcome = self.run_round(task.plan)
+                self.history.append(outcome)
+            else:
+                # The server already held the call for poll_wait_s; a short pause keeps an
+                # idle federation from spinning when the server answers early.
+                self.stop_event.wait(min(task.retry_after_s, 0.2) if task.kind == "idle"
+                                     else task.retry_after_s or 1.0)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- one round -----------------------------------------------------------------------
+
+    def run_round(self, plan: federation_pb2.RoundPlan) -> RoundOutcome:
+        started = time.monotonic()
+        number = int(plan.round)
+        try:
+            global_state, model_cfg = self._global_model(plan.parent_checkpoint)
+            images, labels = self._local_data(model_cfg)
+            if len(labels) == 0:
+                self.client.decline(number, "no_data", f"no images under {self.config.data.path}")
+                self.last_round = number
+                self.metrics.rounds.labels(result="declined").inc()
+                return RoundOutcome(number, "declined", "no_data")
+            tcfg = self._train_config(plan)
+            t0 = time.monotonic()
+            result = train_local(model_cfg, global_state, images, labels, tcfg,
+                                 threads=self.config.training.threads or None)
+            train_seconds = time.monotonic() - t0
+            delta = compute_delta(result.state, global_state)
+            vector = flatten(delta)
+            if plan.delta_clip_norm > 0:
+                vector, _norm = clip_l2(vector, plan.delta_clip_norm)
+                vector = vector.astype(np.float32)
+            sent = self.client.upload(
+                round_number=number, specs=specs_of(global_state), vector=vector,
+                weight=float(result.num_examples), train_loss=float(result.mean_loss),
+                train_seconds=train_seconds,
+            )
+        except grpc.RpcError as exc:
+            self.metrics.rounds.labels(result="failed").inc()
+            log.warning("round %d failed: %s: %s", number, exc.code().name, exc.details())
+            if exc.code() not in RETRYABLE:
+                # The aggregator said no (stale round, already uploaded...): do not retry it.
+                self.last_round = number
+            return RoundOutcome(number, "failed", f"{exc.code().name}: {exc.details()}")
+        except Exception as exc:
+            self.metrics.rounds.labels(result="failed").inc()
+            log.exception("round %d failed locally", number)
+            self.last_round = number
+            return RoundOutcome(number, "failed", str(exc))
+        total = time.monotonic() - started
+        self.last_round = number
+        self.metrics.sent_bytes.inc(sent)
+        self.metrics.train_loss.set(result.mean_loss)
+        self.metrics.examples_per_second.set(result.examples_per_second)
+        self.metrics.round_duration.labels(phase="train").observe(train_seconds)
+        self.metrics.round_duration.labels(phase="protocol").observe(max(0.0, total - train_seconds))
+        self.metrics.rounds.labels(result="contributed").inc()
+        self.metrics.last_round.set(number)
+        self.metrics.last_success.set(time.time())
+        log.info("round %d: trained on %d examples (loss %.4f, %.1fs), uploaded %d bytes",
+                 number, result.num_examples, result.mean_loss, train_seconds, sent)
+        return RoundOutcome(number, "contributed", "", result.mean_loss, train_seconds,
+                            total - train_seconds)
+
+    def _train_config(self, plan: federation_pb2.RoundPlan) -> TrainConfig:
+        t = self.config.training
+        seed_material = f"{self.clinic_id}/{plan.round}/{t.seed}".encode()
+        seed = int.from_bytes(hashlib.sha256(seed_material).digest()[:4], "little")
+        return TrainConfig(
+            epochs=int(plan.local_epochs), optimizer=plan.optimizer or "sgd",
+            learning_rate=float(plan.learning_rate), momentum=t.momentum,
+            weight_decay=t.weight_decay, fedprox_mu=float(plan.fedprox_mu),
+            batch_size=int(plan.batch_size) or 32, class_weighting=t.class_weighting,
+            augment=t.augment, seed=seed,
+        )
+
+    def _global_model(self, checkpoint: str) -> tuple[dict, ModelConfig]:
+        """Load the round's parent checkpoint from the local cache or the aggregator."""
+        path = self.checkpoint_dir / f"{checkpoint}.safetensors"
+        data = None
+        if path.exists():
+            cached = path.read_bytes()
+            if hashlib.sha256(cached).hexdigest() == checkpoint:
+                data = cached
+        if data is None:
+            data = self.client.download(checkpoint)
+            self.metrics.received_bytes.inc(len(data))
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            self._prune_cache(keep=path)
+        state, meta = load_checkpoint_bytes(data)
+        cfg = ModelConfig.from_metadata(meta)
+        return in_order(state, list(build_model(cfg).state_dict().keys())), cfg
+
+    def _prune_cache(self, keep: Path, limit: int = 3) -> None:
+        files = sorted(self.checkpoint_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        for old in files[:-limit]:
+            if old != keep:
+                old.unlink(missing_ok=True)
+
+    def _local_data(self, model_cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+        # Re-read the folder every round so cases added since the last one are used,
+        # without a restart; the cache decodes only new or changed files.
+        records = load_records(self.config.data.path)
+        self.metrics.local_examples.set(len(records))
+        if not records:
+            return (np.zeros((0, model_cfg.input_size, model_cfg.input_size, 3), np.uint8),
+                    np.zeros(0, np.int64))
+        images = self.images.load(records, model_cfg.input_size)
+        labels = np.array([r.label for r in records], dtype=np.int64)
+        return images, labels

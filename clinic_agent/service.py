@@ -1,0 +1,40 @@
+"""Run the clinic agent as a daemon: metrics endpoint, signals, graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from clinic_agent.config import ClinicConfig
+from clinic_agent.daemon import ClinicAgent
+from clinic_agent.metrics import AgentMetrics
+from common.config import parse_hostport
+
+log = logging.getLogger("dermafed.agent")
+
+
+def run_agent_forever(config: ClinicConfig) -> int:
+    registry = CollectorRegistry()
+    metrics = AgentMetrics(registry)
+    stop = threading.Event()
+    agent = ClinicAgent(config, metrics=metrics, stop=stop)
+    if config.metrics.listen:
+        host, port = parse_hostport(config.metrics.listen, "metrics.listen")
+        start_http_server(port, addr=host, registry=registry)
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received signal %d, stopping after the current step", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        agent.run()
+    finally:
+        agent.close()
+    log.info("agent %s stopped", agent.clinic_id)
+    return 0

@@ -1,0 +1,303 @@
+"""Skin-lesion records: finding them on disk, splitting them by lesion, decoding them.
+
+Three layouts are recognised by :func:`load_records`:
+
+* **HAM10000 layout** – a directory holding ``HAM10000_metadata.csv`` (columns
+  ``lesion_id,image_id,dx,...``) and ``images/<image_id>.jpg``. Rows whose image file is
+  absent are skipped, because a clinic (or the shared test copy) may hold only part of the
+  archive.
+* **Class folders** – a directory of sub-folders named after the diagnosis codes
+  (``mel/``, ``nv/``, ...) holding ``.jpg``/``.jpeg``/``.png`` files. The image id is the
+  file stem. The lesion id is the stem too, unless the stem contains ``__``: then the part
+  before the first ``__`` is the lesion id, so ``L17__front.jpg`` and ``L17__close.jpg``
+  are two photographs of lesion ``L17`` and are kept on the same side of every split.
+* **Index CSV** – a ``.csv`` file with header ``image_id,lesion_id,dx,path`` (as written
+  by :func:`common.partition.write_index`); ``path`` is absolute or relative to the
+  index file's directory.
+
+Images are never copied: a :class:`Record` only points at the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.errors import DermafedError
+
+CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+HIGH_RISK: tuple[str, ...] = ("mel", "bcc", "akiec")
+CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
+NUM_CLASSES = len(CLASSES)
+
+HAM_METADATA = "HAM10000_metadata.csv"
+INDEX_HEADER: tuple[str, ...] = ("image_id", "lesion_id", "dx", "path")
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
+LESION_SEPARATOR = "__"
+
+
+class DatasetError(DermafedError, ValueError):
+    """A data source is malformed (unknown diagnosis, missing column, unreadable image)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    image_id: str
+    lesion_id: str
+    label: int
+    path: Path
+
+    @property
+    def dx(self) -> str:
+        return CLASSES[self.label]
+
+
+def label_of(dx: str, where: str) -> int:
+    """Index of diagnosis code ``dx``; ``where`` names the file and row for the error."""
+    code = dx.strip().lower()
+    if code not in CLASS_INDEX:
+        raise DatasetError(
+            f"{where}: unknown diagnosis code {dx!r}; expected one of {', '.join(CLASSES)}"
+        )
+    return CLASS_INDEX[code]
+
+
+def load_records(source: str | Path) -> list[Record]:
+    """All records under ``source`` (layout auto-detected), sorted by image id."""
+    source = Path(source)
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DatasetError(f"{source}: expected a directory or an index .csv file")
+        # Pointing at the metadata file itself means its folder in the HAM10000 layout.
+        is_ham = source.name == HAM_METADATA
+        records = _load_ham(source.parent) if is_ham else _load_index(source)
+    elif source.is_dir():
+        if (source / HAM_METADATA).is_file():
+            records = _load_ham(source)
+        else:
+            records = _load_class_folders(source)
+    else:
+        raise DatasetError(f"{source}: no such file or directory")
+    _check_unique_ids(records, source)
+    return sorted(records, key=lambda r: (r.image_id, str(r.path)))
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:
+    """Yield (line number, row) pairs after checking the header has ``required`` columns."""
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} in the header")
+        for row in reader:
+            # reader.line_num is the physical line just read; the header is line 1.
+            yield reader.line_num, row
+
+
+def _load_ham(root: Path) -> list[Record]:
+    metadata = root / HAM_METADATA
+    images = root / "images"
+    present = {p.name for p in images.iterdir()} if images.is_dir() else set()
+    records = []
+    for line, row in _read_csv(metadata, ("lesion_id", "image_id", "dx")):
+        where = f"{metadata}, line {line}"
+        image_id = row["image_id"].strip()
+        lesion_id = row["lesion_id"].strip()
+        if not image_id or not lesion_id:
+            raise DatasetError(f"{where}: empty image_id or lesion_id")
+        label = label_of(row["dx"] or "", where)
+        name = f"{image_id}.jpg"
+        if name not in present:
+            continue  # this copy holds only part of the archive
+        records.append(Record(image_id, lesion_id, label, images / name))
+    return records
+
+
+def _load_class_folders(root: Path) -> list[Record]:
+    records = []
+    found_folder = False
+    for folder in sorted(root.iterdir()):
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        files = [
+            f
+            for f in sorted(folder.iterdir())
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+        ]
+        if not files:
+            continue
+        label = label_of(folder.name, f"{folder} (class folder)")
+        found_folder = True
+        for f in files:
+            stem = f.stem
+            lesion = stem.split(LESION_SEPARATOR, 1)[0] if LESION_SEPARATOR in stem else stem
+            if not lesion:
+                raise DatasetError(f"{f}: empty lesion id before {LESION_SEPARATOR!r}")
+            records.append(Record(stem, lesion, label, f))
+    if not found_folder:
+        raise DatasetError(
+            f"{root}: found no {HAM_METADATA}, no class folders "
+            f"({', '.join(CLASSES)}) with images, and it is not an index .csv"
+        )
+    return records
+
+
+def _load_index(index: Path) -> list[Record]:
+    base = index.resolve().parent
+    records = []
+    for line, row in _read_csv(index, INDEX_HEADER):
+        where = f"{index}, line {line}"
+        image_id = (row["image_id"] or "").strip()
+        lesion_id = (row["lesion_id"] or "").strip()
+        raw_path = (row["path"] or "").strip()
+        if not image_id or not lesion_id or not raw_path:
+            raise DatasetError(f"{where}: empty image_id, lesion_id or path")
+        label = label_of(row["dx"] or "", where)
+        path = Path(raw_path)
+        if not path.is_absolute():
+            path = base / path
+        if not path.is_file():
+            raise DatasetError(f"{where}: image file {path} does not exist")
+        records.append(Record(image_id, lesion_id, label, path))
+    return records
+
+
+def _check_unique_ids(records: Sequence[Record], source: Path) -> None:
+    seen: dict[str, Path] = {}
+    for r in records:
+        if r.image_id in seen:
+            raise DatasetError(
+                f"{source}: image id {r.image_id!r} appears twice ({seen[r.image_id]} and "
+                f"{r.path}); image ids must be unique"
+            )
+        seen[r.image_id] = r.path
+
+
+def labels_of(records: Sequence[Record]) -> np.ndarray:
+    return np.fromiter((r.label for r in records), dtype=np.int64, count=len(records))
+
+
+def class_counts(records: Sequence[Record]) -> np.ndarray:
+    """Number of records per class, in :data:`CLASSES` order."""
+    return np.bincount(labels_of(records), minlength=NUM_CLASSES).astype(np.int64)
+
+
+def lesion_groups(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """Records grouped by lesion id (groups and their members in a deterministic order)."""
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: (r.lesion_id, r.image_id)):
+        groups[r.lesion_id].append(r)
+    return dict(groups)
+
+
+def lesion_label(group: Sequence[Record]) -> int:
+    """The class a lesion counts as for stratification: its most frequent label.
+
+    HAM10000 gives every image of a lesion the same diagnosis; this only matters for
+    hand-made data sets, where ties go to the lower class index.
+    """
+    counts = Counter(r.label for r in group)
+    return min(counts, key=lambda label: (-counts[label], label))
+
+
+def group_split(
+    records: Sequence[Record], test_fraction: float, seed: int
+) -> tuple[list[Record], list[Record]]:
+    """Split into (train, test) by lesion, stratified by class.
+
+    For each class, the lesions of that class are shuffled and ``round(fraction * n)``
+    of them go to the test side — at least one when the class has two or more lesions
+    and the fraction is positive, and never all of them, so both sides see the class.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise DatasetError(f"test fraction must be in [0, 1), got {test_fraction}")
+    by_class: dict[int, list[str]] = defaultdict(list)
+    groups = lesion_groups(records)
+    for lesion_id, group in groups.items():
+        by_class[lesion_label(group)].append(lesion_id)
+    test_lesions: set[str] = set()
+    for label in sorted(by_class):
+        lesions = sorted(by_class[label])
+        rng = np.random.default_rng([seed, label])
+        order = rng.permutation(len(lesions))
+        n_test = round(test_fraction * len(lesions))
+        if test_fraction > 0 and len(lesions) >= 2:
+            n_test = min(max(n_test, 1), len(lesions) - 1)
+        test_lesions.update(lesions[i] for i in order[:n_test])
+    train = [r for r in records if r.lesion_id not in test_lesions]
+    test = [r for r in records if r.lesion_id in test_lesions]
+    key = lambda r: (r.image_id, str(r.path))  # noqa: E731
+    return sorted(train, key=key), sorted(test, key=key)
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """Decode one image to a (size, size, 3) uint8 array (whole image resized to square)."""
+    try:
+        with Image.open(path) as im:
+            # JPEG can decode at 1/2, 1/4 or 1/8 scale inside the DCT; draft picks the
+            # smallest scale still >= the target, which makes decoding several times faster.
+            im.draft("RGB", (size, size))
+            rgb = im.convert("RGB")
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8).copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{path}: cannot decode image: {exc}") from exc
+
+
+class ImageCache:
+    """Decoded images kept in memory, re-decoded only when a file changes.
+
+    An agent rescans its data folder before every round; the cache key includes the
+    file's modification time and byte size, so unchanged files are never decoded twice
+    and a replaced file is picked up. One entry per (path, target size): a changed file
+    replaces its old entry instead of leaking it.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, int], tuple[tuple[int, int], np.ndarray]] = {}
+        self.decodes = 0  # how many files were actually decoded (for tests and metrics)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def load_one(self, path: Path, size: int) -> np.ndarray:
+        if size < 1:
+            raise DatasetError(f"image size must be positive, got {size}")
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read image: {exc.strerror}") from exc
+        key = (str(path), size)
+        signature = (st.st_mtime_ns, st.st_size)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] == signature:
+            return entry[1]
+        array = decode_image(path, size)
+        array.setflags(write=False)  # shared between callers: nobody may modify it
+        self.decodes += 1
+        self._entries[key] = (signature, array)
+        return array
+
+    def load(self, records: Sequence[Record], size: int) -> np.ndarray:
+        """Images of ``records`` as one (N, size, size, 3) uint8 array (a fresh copy)."""
+        out = np.empty((len(records), size, size, 3), dtype=np.uint8)
+        for i, r in enumerate(records):
+            out[i] = self.load_one(r.path, size)
+        return out
+
+    def retain(self, paths: Iterable[Path]) -> int:
+        """Drop entries for files not in ``paths`` (deleted images); returns how many."""
+        keep = {str(p) for p in paths}
+        stale = [k for k in self._entries if k[0] not in keep]
+        for k in stale:
+            del self._entries[k]
+        return len(stale)

@@ -1,0 +1,47 @@
+"""Domain errors shared by both daemons.
+
+Pure logic raises these; the thin gRPC servicers map each class to one status code
+(see ``aggregator.servicers``), so a rule lives in one place and one place only.
+"""
+
+from __future__ import annotations
+
+
+class DermafedError(Exception):
+    """Base class: every error the project raises on purpose."""
+
+
+class ConfigError(DermafedError):
+    """A configuration file or override is invalid; the message names the bad key."""
+
+
+class InvalidUpdateError(DermafedError):
+    """An uploaded update is malformed: wrong layout, length, dtype or non-finite values."""
+
+
+class StaleRoundError(DermafedError):
+    """A message refers to a round that is not the one running (or to a finished stage)."""
+
+
+class DuplicateSubmissionError(DermafedError):
+    """A clinic sent the same stage's message twice."""
+
+
+class NotInCohortError(DermafedError):
+    """The calling clinic was not selected for this round."""
+
+
+class NotFoundError(DermafedError):
+    """A referenced checkpoint, round or clinic does not exist."""
+
+
+class PreconditionError(DermafedError):
+    """The federation is not in a state where the request makes sense."""
+
+
+class PayloadTooLargeError(DermafedError):
+    """An upload exceeded its declared or configured size."""
+
+
+class IntegrityError(DermafedError):
+    """Stored data failed its integrity check (hash mismatch, truncated file)."""

@@ -1,0 +1,178 @@
+"""The lesion classifier shared by clinics and the aggregator.
+
+A compact CNN ("lesionnet") sized for training on two CPU cores at 64x64 pixels. It uses
+GroupNorm, never BatchNorm: batch statistics mix examples, which per-example gradient
+clipping (DP-SGD, Opacus) cannot allow, and they would also leak across clinics.
+
+The architecture is described by :class:`ModelConfig`, which travels inside every
+checkpoint's safetensors metadata (key ``dermafed.model``), so a checkpoint file alone is
+enough to rebuild the model that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.errors import ConfigError
+
+METADATA_KEY = "dermafed.model"
+ARCHITECTURES: tuple[str, ...] = ("lesionnet",)
+
+# Per-channel mean and standard deviation of uint8 RGB pixels, measured on 1,500
+# HAM10000 images decoded at 64x64. Fixed constants (not per-clinic statistics): every
+# party must feed the model identically, and local statistics would reveal data.
+NORMALISATION: dict[str, tuple[float, float, float]] = {
+    "mean": (194.1, 139.1, 145.1),
+    "std": (35.4, 38.2, 42.3),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "lesionnet"
+    num_classes: int = 7
+    input_size: int = 64
+    width: int = 32
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(
+                f"model.arch: unknown architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}"
+            )
+        _check_int("model.num_classes", self.num_classes, 2, 1000)
+        _check_int("model.input_size", self.input_size, 16, 1024)
+        _check_int("model.width", self.width, 4, 256)
+        if self.width % 4:
+            raise ConfigError(f"model.width: must be a multiple of 4, got {self.width}")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, int | float)
+            or not math.isfinite(self.dropout)
+            or not 0.0 <= self.dropout < 1.0
+        ):
+            raise ConfigError(f"model.dropout: must be a number in [0, 1), got {self.dropout!r}")
+
+    def to_metadata(self) -> dict[str, str]:
+        """Safetensors metadata entry describing this model (JSON, sorted keys)."""
+        return {METADATA_KEY: json.dumps(asdict(self), sort_keys=True)}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str]) -> ModelConfig:
+        """Rebuild the config from checkpoint metadata, with a clear error if it is bad."""
+        if METADATA_KEY not in meta:
+            raise ConfigError(f"checkpoint metadata has no {METADATA_KEY!r} entry")
+        try:
+            raw = json.loads(meta[METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"checkpoint metadata {METADATA_KEY!r} is not JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"checkpoint metadata {METADATA_KEY!r} is not a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"checkpoint model config has unknown key(s): {', '.join(unknown)}")
+        return cls(**raw)
+
+
+def _check_int(key: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{key}: must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def _groups(channels: int) -> int:
+    # 8 groups where possible: per-example normalisation that still pools channels.
+    for g in (8, 4, 2):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+def _conv_block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.GroupNorm(_groups(c_out), c_out),
+        nn.ReLU(),
+    ]
+
+
+class LesionNet(nn.Module):
+    """stem -> 4 stages (w, 2w, 4w, 8w channels, each halving the resolution) -> GAP -> FC.
+
+    The first three stages have two 3x3 convolutions, the last one only; a second
+    8w-channel convolution would more than double the parameter count for little gain
+    at 4x4 resolution.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        w = cfg.width
+        layers: list[nn.Module] = _conv_block(3, w, stride=1)
+        c_in = w
+        for i, c_out in enumerate((w, 2 * w, 4 * w, 8 * w)):
+            layers += _conv_block(c_in, c_out, stride=2)
+            if i < 3:
+                layers += _conv_block(c_out, c_out, stride=1)
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(c_in, cfg.num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x)).flatten(1)
+        return self.classifier(self.dropout(x))
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A freshly initialised model (uses the global torch RNG for initialisation)."""
+    if cfg.arch == "lesionnet":
+        return LesionNet(cfg)
+    raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}")  # pragma: no cover
+
+
+def initial_state(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The initial float32 weights for ``seed``, without touching the global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+    return {k: v.detach().clone().to(torch.float32) for k, v in model.state_dict().items()}
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+_MEAN = torch.tensor(NORMALISATION["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+_STD = torch.tensor(NORMALISATION["std"], dtype=torch.float32).view(1, 3, 1, 1)
+
+
+def to_input(batch_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N, S, S, 3) uint8 RGB -> normalised (N, 3, S, S) float32 model input."""
+    x = (
+        torch.from_numpy(np.ascontiguousarray(batch_uint8))
+        if isinstance(batch_uint8, np.ndarray)
+        else batch_uint8
+    )
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected a (N, S, S, 3) uint8 batch, got {tuple(x.shape)} of {x.dtype}")
+    x = x.permute(0, 3, 1, 2).to(torch.float32)
+    return (x - _MEAN) / _STD

@@ -1,0 +1,63 @@
+"""Operator access to the aggregator's admin service (admin certificate required)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import load_config, parse_hostport, require
+from common.tls import channel_credentials, secure_channel
+from dermafed.v1 import admin_pb2, admin_pb2_grpc
+
+
+@dataclass(frozen=True)
+class AdminTarget:
+    address: str
+    server_name: str = ""
+
+    def validate(self) -> None:
+        parse_hostport(self.address, "aggregator.address")
+
+
+@dataclass(frozen=True)
+class AdminTls:
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+    def validate(self) -> None:
+        for name in ("ca_cert", "cert", "key"):
+            path = getattr(self, name)
+            require(path.is_file(), f"tls.{name}", f"file {path} does not exist")
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    federation: str
+    aggregator: AdminTarget
+    tls: AdminTls
+    timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        require(self.timeout_s > 0, "timeout_s", "must be positive")
+
+
+def load_admin_config(path: Path) -> AdminConfig:
+    return load_config(AdminConfig, path)
+
+
+class AdminClient:
+    def __init__(self, config: AdminConfig) -> None:
+        creds = channel_credentials(config.tls.ca_cert, config.tls.cert, config.tls.key)
+        options: list[tuple[str, object]] = []
+        if config.aggregator.server_name:
+            options.append(("grpc.ssl_target_name_override", config.aggregator.server_name))
+        self.channel = secure_channel(config.aggregator.address, creds, options=options)
+        self.stub = admin_pb2_grpc.AdminStub(self.channel)
+        self.timeout_s = config.timeout_s
+
+    def status(self) -> admin_pb2.GetStatusResponse:
+        return self.stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self.channel.close()

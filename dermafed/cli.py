@@ -1,0 +1,85 @@
+"""``dermafed``: one command line for every role.
+
+Each role's subcommands live in their own module with a ``register(subparsers)``
+function; this file only wires them together and turns domain errors into a clear
+message and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from common.errors import DermafedError
+
+
+def _add_daemon_commands(sub: argparse._SubParsersAction) -> None:
+    agg = sub.add_parser("aggregator", help="run the aggregator service")
+    agg_sub = agg.add_subparsers(dest="action", required=True)
+    serve = agg_sub.add_parser("serve", help="serve the federation until SIGTERM")
+    serve.add_argument("--config", required=True, help="aggregator TOML file")
+    serve.set_defaults(func=_aggregator_serve)
+
+    agent = sub.add_parser("agent", help="run a clinic agent")
+    agent_sub = agent.add_subparsers(dest="action", required=True)
+    run = agent_sub.add_parser("run", help="poll the aggregator and train when asked")
+    run.add_argument("--config", required=True, help="clinic TOML file")
+    run.set_defaults(func=_agent_run)
+
+
+def _aggregator_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aggregator.config import load_aggregator_config
+    from aggregator.server import serve_forever
+    from common.logs import setup_logging
+
+    config = load_aggregator_config(Path(args.config))
+    setup_logging(config.logging.level, json_lines=config.logging.json)
+    return serve_forever(config)
+
+
+def _agent_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from clinic_agent.config import load_clinic_config
+    from clinic_agent.service import run_agent_forever
+    from common.logs import setup_logging
+
+    config = load_clinic_config(Path(args.config))
+    setup_logging(config.logging.level, json_lines=config.logging.json)
+    return run_agent_forever(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dermafed import cli_admin, cli_data, cli_demo, cli_pki
+
+    parser = argparse.ArgumentParser(
+        prog="dermafed",
+        description="Federated skin-lesion classification with secure aggregation, "
+        "differential privacy and a validation gate.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cli_demo.register(sub)
+    cli_pki.register(sub)
+    _add_daemon_commands(sub)
+    cli_admin.register(sub)
+    cli_data.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DermafedError as exc:
+        print(f"dermafed: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

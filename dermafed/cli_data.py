@@ -1,0 +1,197 @@
+"""``dermafed data …``, ``dermafed predict`` and ``dermafed evaluate``.
+
+:func:`register` adds the commands to the root parser's subparsers; each sets
+``func(args) -> int``. User errors (bad paths, malformed data or checkpoints) print one
+line on stderr and return 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.datasets import CLASSES, HIGH_RISK, DatasetError, ImageCache
+from common.errors import DermafedError
+from common.evaluation import class_names, evaluate_checkpoint, predict_proba
+from common.model import ModelConfig
+from common.partition import partition_to_dir
+from common.synthetic import generate_synthetic
+from common.tensors import load_checkpoint_file
+
+USAGE_ERROR = 2
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _user_errors(func: Handler) -> Handler:
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (DermafedError, ValueError, OSError) as exc:
+            print(f"dermafed: error: {exc}", file=sys.stderr)
+            return USAGE_ERROR
+
+    return wrapper
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if math.isnan(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (or 'inf' for IID), got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+@_user_errors
+def cmd_partition(args: argparse.Namespace) -> int:
+    result = partition_to_dir(
+        Path(args.src), Path(args.out), args.clinics, args.alpha, args.seed, args.holdout
+    )
+    print(result.table())
+    print(f"wrote {len(result.clinic_files)} clinic index file(s) to {result.out}")
+    return 0
+
+
+@_user_errors
+def cmd_synth(args: argparse.Namespace) -> int:
+    out = generate_synthetic(
+        Path(args.out), images_per_class=args.per_class, size=args.size, seed=args.seed
+    )
+    n = args.per_class * len(CLASSES)
+    print(f"wrote {n} SYNTHETIC images (not patient data) to {out}")
+    return 0
+
+
+def _load_model_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    state, meta = load_checkpoint_file(path)
+    return ModelConfig.from_metadata(meta), state
+
+
+@_user_errors
+def cmd_predict(args: argparse.Namespace) -> int:
+    model_cfg, state = _load_model_checkpoint(Path(args.checkpoint))
+    cache = ImageCache()
+    paths = [Path(p) for p in args.images]
+    for p in paths:
+        if not p.is_file():
+            raise DatasetError(f"{p}: no such image file")
+    images = np.stack([cache.load_one(p, model_cfg.input_size) for p in paths])
+    probs = predict_proba(model_cfg, state, images)
+    names = class_names(model_cfg.num_classes)
+    top = max(1, min(args.top, len(names)))
+    for path, row in zip(paths, probs, strict=True):
+        print(path)
+        for c in np.argsort(-row, kind="stable")[:top]:
+            flag = "  (high risk)" if names[c] in HIGH_RISK else ""
+            print(f"  {names[c]:<6} {row[c]:7.3f}{flag}")
+    print("research use only: not a diagnosis", file=sys.stderr)
+    return 0
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+@_user_errors
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    metrics = evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.size)
+    if args.json:
+        print(json.dumps(metrics.to_dict(), indent=2, sort_keys=True))
+        return 0
+    print(f"examples           {metrics.examples}")
+    print(f"accuracy           {_fmt(metrics.accuracy)}")
+    print(f"balanced accuracy  {_fmt(metrics.balanced_accuracy)}")
+    print(f"macro AUROC        {_fmt(metrics.macro_auroc)}")
+    print(f"ECE (15 bins)      {_fmt(metrics.expected_calibration_error)}")
+    print(f"{'class':<8}{'sensitivity':>12}{'specificity':>12}{'AUROC':>8}")
+    for name, sens in metrics.sensitivity.items():
+        spec = metrics.specificity.get(name, float("nan"))
+        auc = metrics.auroc.get(name, float("nan"))
+        flag = " *" if name in HIGH_RISK else ""
+        print(f"{name:<8}{_fmt(sens):>12}{_fmt(spec):>12}{_fmt(auc):>8}{flag}")
+    print("* high-risk class; classes without examples are not listed")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``data`` (``partition``, ``synth``), ``predict`` and ``evaluate``."""
+    data = subparsers.add_parser("data", help="prepare data sets (partition, synthesize)")
+    data_sub = data.add_subparsers(dest="data_command", metavar="{partition,synth}")
+
+    def data_help(args: argparse.Namespace) -> int:
+        data.print_help(sys.stderr)
+        return USAGE_ERROR
+
+    data.set_defaults(func=data_help)
+
+    part = data_sub.add_parser(
+        "partition",
+        help="split a data set into non-IID clinic shards (index CSVs, images not copied)",
+    )
+    part.add_argument("--clinics", type=_positive_int, required=True, help="number of clinics")
+    part.add_argument(
+        "--alpha",
+        type=_alpha,
+        required=True,
+        help="Dirichlet concentration: small = strong label skew, 'inf' = IID",
+    )
+    part.add_argument("--seed", type=int, default=0)
+    part.add_argument(
+        "--holdout",
+        type=_fraction,
+        default=0.0,
+        help="fraction of lesions held out first, written as holdout.csv (default 0)",
+    )
+    part.add_argument("src", metavar="SRC", help="HAM10000 folder, class folders or index CSV")
+    part.add_argument("out", metavar="OUT", help="output folder for clinic-<i>.csv")
+    part.set_defaults(func=cmd_partition)
+
+    synth = data_sub.add_parser("synth", help="generate a small SYNTHETIC data set")
+    synth.add_argument("--out", required=True, help="output folder (HAM10000 layout)")
+    synth.add_argument("--per-class", type=_positive_int, default=40, help="images per class")
+    synth.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_synth)
+
+    predict = subparsers.add_parser("predict", help="class probabilities for images")
+    predict.add_argument("--checkpoint", required=True, help="safetensors checkpoint")
+    predict.add_argument("--top", type=_positive_int, default=7, help="classes shown per image")
+    predict.add_argument("images", metavar="IMAGE", nargs="+")
+    predict.set_defaults(func=cmd_predict)
+
+    evaluate = subparsers.add_parser("evaluate", help="metrics of a checkpoint on a data set")
+    evaluate.add_argument("--checkpoint", required=True, help="safetensors checkpoint")
+    evaluate.add_argument("--data", required=True, help="HAM10000 folder, class folders or CSV")
+    evaluate.add_argument("--size", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
+    evaluate.set_defaults(func=cmd_evaluate)

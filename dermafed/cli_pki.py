@@ -1,0 +1,170 @@
+"""``dermafed pki``: create the federation CA, issue, revoke and list certificates."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from common import pki
+
+_ERROR_PREFIX = "dermafed pki: error:"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``pki`` command and its subcommands to ``subparsers``."""
+    parser = subparsers.add_parser(
+        "pki",
+        help="manage the federation CA and mTLS certificates",
+        description="Create the federation CA, issue, revoke and list certificates.",
+    )
+    sub = parser.add_subparsers(dest="pki_command", metavar="SUBCOMMAND", required=True)
+
+    p_init = sub.add_parser("init", help="create the federation CA")
+    p_init.add_argument("--federation", required=True, help="federation name, e.g. 'eu-derm'")
+    p_init.add_argument("--out", required=True, type=Path, help="directory for the CA files")
+    p_init.add_argument("--days", type=int, default=3650, help="CA validity (default 3650)")
+    p_init.set_defaults(func=_cmd_init)
+
+    p_issue = sub.add_parser("issue", help="issue a certificate for an aggregator, clinic or admin")
+    p_issue.add_argument("--role", required=True, choices=sorted(pki.ROLES))
+    p_issue.add_argument("--name", required=True, help="peer id, e.g. 'clinic-graz'")
+    p_issue.add_argument(
+        "--dns", action="append", default=[], metavar="NAME", help="DNS SAN (repeatable)"
+    )
+    p_issue.add_argument(
+        "--ip", action="append", default=[], metavar="ADDR", help="IP SAN (repeatable)"
+    )
+    p_issue.add_argument("--out", required=True, type=Path, help="directory for cert/key")
+    p_issue.add_argument(
+        "--ca", type=Path, default=None, help="CA directory (default: the --out directory)"
+    )
+    p_issue.add_argument("--days", type=int, default=397, help="validity (default 397)")
+    p_issue.set_defaults(func=_cmd_issue)
+
+    p_revoke = sub.add_parser("revoke", help="revoke certificates and rewrite the CRL")
+    p_revoke.add_argument("--ca", required=True, type=Path, help="CA directory")
+    which = p_revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--serial", metavar="HEX", help="serial number as shown by 'pki list'")
+    which.add_argument("--name", metavar="ID", help="revoke every certificate of this peer")
+    p_revoke.set_defaults(func=_cmd_revoke)
+
+    p_list = sub.add_parser("list", help="list issued certificates")
+    p_list.add_argument("--ca", required=True, type=Path, help="CA directory")
+    p_list.add_argument("--json", action="store_true", help="machine-readable output")
+    p_list.set_defaults(func=_cmd_list)
+
+
+def _fail(message: str) -> int:
+    print(f"{_ERROR_PREFIX} {message}", file=sys.stderr)
+    return 2
+
+
+_Command = Callable[[argparse.Namespace], int]
+
+
+def _guarded(func: _Command) -> _Command:
+    """Turn user errors (bad names, missing CA, unreadable files) into exit code 2."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args))
+        except pki.PkiError as exc:
+            return _fail(str(exc))
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            return _fail(f"{exc.strerror or exc}{where}")
+
+    return run
+
+
+@_guarded
+def _cmd_init(args: argparse.Namespace) -> int:
+    cert_path = pki.init_ca(args.federation, args.out, valid_days=args.days)
+    print(f"created CA for federation {args.federation!r}")
+    print(f"  certificate: {cert_path}")
+    print(f"  private key: {args.out / pki.CA_KEY_FILE}  (keep it offline; mode 0600)")
+    print(f"  CRL:         {args.out / pki.CRL_FILE}")
+    return 0
+
+
+@_guarded
+def _cmd_issue(args: argparse.Namespace) -> int:
+    ca_dir = args.ca if args.ca is not None else args.out
+    issued = pki.issue(
+        ca_dir,
+        args.role,
+        args.name,
+        args.out,
+        dns=args.dns,
+        ips=args.ip,
+        valid_days=args.days,
+    )
+    print(f"issued {issued.role} certificate for {issued.name!r}")
+    print(f"  identity:    {issued.uri}")
+    print(f"  serial:      {pki.format_serial(issued.serial)}")
+    print(f"  valid until: {issued.not_after.isoformat()}")
+    print(f"  certificate: {issued.cert_path}")
+    print(f"  private key: {issued.key_path}")
+    return 0
+
+
+@_guarded
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    if args.serial is not None:
+        newly = pki.revoke(args.ca, serial=pki.parse_serial(args.serial))
+    else:
+        newly = pki.revoke(args.ca, name=args.name)
+    if not newly:
+        print("nothing to do: already revoked")
+        return 0
+    for serial in newly:
+        print(f"revoked serial {pki.format_serial(serial)}")
+    print(f"CRL updated: {args.ca / pki.CRL_FILE}")
+    return 0
+
+
+@_guarded
+def _cmd_list(args: argparse.Namespace) -> int:
+    records = pki.list_issued(args.ca)
+    now = datetime.now(UTC)
+    if args.json:
+        rows = [
+            {
+                "serial": pki.format_serial(r.serial),
+                "role": r.role,
+                "name": r.name,
+                "uri": r.uri,
+                "not_before": r.not_before.isoformat(),
+                "not_after": r.not_after.isoformat(),
+                "revoked": r.revoked,
+                "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
+                "status": r.status(now),
+            }
+            for r in records
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not records:
+        print("no certificates issued")
+        return 0
+    header = ("SERIAL", "ROLE", "NAME", "NOT AFTER", "STATUS")
+    table = [
+        (
+            pki.format_serial(r.serial),
+            r.role,
+            r.name,
+            r.not_after.strftime("%Y-%m-%d %H:%M"),
+            r.status(now),
+        )
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in (header, *table)) for i in range(len(header))]
+    for row in (header, *table):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0

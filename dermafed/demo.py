@@ -1,0 +1,370 @@
+"""``dermafed demo``: a whole federation on one machine, as separate OS processes.
+
+It builds a PKI, splits the data into a lesion-grouped held-out set and non-IID clinic
+shards, writes one config per daemon, starts the aggregator and each clinic agent as
+its own process on free localhost ports, follows the rounds through the admin API, and
+stops everything cleanly (also on Ctrl-C). The ledger, checkpoints, configs and logs stay
+in the work dir for inspection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import grpc
+
+from common import pki
+from common.datasets import CLASSES, group_split, load_records
+from common.partition import partition_to_dir, write_index
+from common.synthetic import generate_synthetic
+from dermafed.admin_client import AdminClient, load_admin_config
+from dermafed.v1 import admin_pb2
+
+MARKER = ".dermafed-demo"
+FEDERATION = "demo"
+
+
+@dataclass
+class DemoOptions:
+    clinics: int = 3
+    rounds: int = 3
+    data: Path | None = None
+    workdir: Path = Path("dermafed-demo")
+    alpha: float = 1.0
+    holdout_fraction: float = 0.2
+    local_epochs: int = 2
+    learning_rate: float = 0.05
+    input_size: int = 64
+    aggregation: str = "plain"
+    max_images: int = 0
+    seed: int = 0
+    round_timeout_s: float = 1800.0
+    threads_per_clinic: int = 1
+
+
+@dataclass
+class RoundRow:
+    round: int
+    outcome: str
+    clinics: str
+    train_loss: float | None
+    accuracy: float | None
+    balanced_accuracy: float | None
+    mel_sensitivity: float | None
+    seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def write_toml(path: Path, data: dict[str, object]) -> None:
+    """Write a two-level TOML document (top-level keys, then tables)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for key, table in data.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{key}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    path.write_text("\n".join(lines) + "\n")
+
+
+def prepare_workdir(workdir: Path) -> None:
+    if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
+        raise SystemExit(f"dermafed demo: {workdir} exists and is not a demo work dir; "
+                         "choose another --workdir")
+    if (workdir / MARKER).exists():
+        for sub in ("pki", "config", "state", "logs", "shards", "data"):
+            shutil.rmtree(workdir / sub, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("created by `dermafed demo`; safe to delete\n")
+
+
+def build_pki(workdir: Path, clinics: Sequence[str]) -> Path:
+    ca_dir = workdir / "pki" / "ca"
+    pki.init_ca(FEDERATION, ca_dir)
+    pki.issue(ca_dir, "aggregator", "aggregator", workdir / "pki" / "aggregator",
+              dns=["localhost"], ips=["127.0.0.1"])
+    for clinic in clinics:
+        pki.issue(ca_dir, "clinic", clinic, workdir / "pki" / clinic)
+    pki.issue(ca_dir, "admin", "demo-admin", workdir / "pki" / "admin")
+    return ca_dir
+
+
+def write_configs(opts: DemoOptions, workdir: Path, clinics: Sequence[str], shards: Path,
+                  holdout: Path) -> tuple[Path, list[Path], Path]:
+    cfg_dir = workdir / "config"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    pki_dir = workdir / "pki"
+    agg_cfg = cfg_dir / "aggregator.toml"
+    write_toml(agg_cfg, {
+        "federation": FEDERATION,
+        "server": {"listen": "127.0.0.1:0", "port_file": str(workdir / "state" / "port")},
+        "tls": {"ca_cert": pki_dir / "ca" / "ca.crt",
+                "cert": pki_dir / "aggregator" / "aggregator.crt",
+                "key": pki_dir / "aggregator" / "aggregator.key",
+                "crl": pki_dir / "ca" / "crl.pem"},
+        "storage": {"state_dir": workdir / "state" / "aggregator"},
+        "model": {"input_size": opts.input_size, "seed": opts.seed},
+        "rounds": {"aggregation": opts.aggregation, "min_clinics": max(1, len(clinics) - 1),
+                   "start_when_connected": len(clinics), "max_rounds": opts.rounds,
+                   "train_deadline_s": opts.round_timeout_s, "seed": opts.seed},
+        "plan": {"local_epochs": opts.local_epochs, "learning_rate": opts.learning_rate},
+        "validation": {"holdout": holdout},
+    })
+    agent_cfgs = []
+    for i, clinic in enumerate(clinics, start=1):
+        path = cfg_dir / f"{clinic}.toml"
+        write_toml(path, {
+            "federation": FEDERATION,
+            "aggregator": {"address": "localhost:PORT"},
+            "tls": {"ca_cert": pki_dir / clinic / "ca.crt",
+                    "cert": pki_dir / clinic / f"{clinic}.crt",
+                    "key": pki_dir / clinic / f"{clinic}.key"},
+            "data": {"path": shards / f"clinic-{i}.csv"},
+            "storage": {"state_dir": workdir / "state" / clinic},
+            "training": {"threads": opts.threads_per_clinic, "seed": opts.seed},
+            "network": {"poll_wait_s": 5.0, "backoff_max_s": 5.0},
+        })
+        agent_cfgs.append(path)
+    admin_cfg = cfg_dir / "admin.toml"
+    write_toml(admin_cfg, {
+        "federation": FEDERATION,
+        "aggregator": {"address": "localhost:PORT"},
+        "tls": {"ca_cert": pki_dir / "admin" / "ca.crt",
+                "cert": pki_dir / "admin" / "demo-admin.crt",
+                "key": pki_dir / "admin" / "demo-admin.key"},
+    })
+    return agg_cfg, agent_cfgs, admin_cfg
+
+
+def _set_port(paths: Sequence[Path], port: int) -> None:
+    for path in paths:
+        path.write_text(path.read_text().replace("localhost:PORT", f"localhost:{port}"))
+
+
+class Federation:
+    """The demo's child processes; stopping it always reaps every child."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._logs: list[TextIO] = []
+
+    def spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        log_dir = self.workdir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dermafed.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+            # Own process group: a Ctrl-C in the terminal reaches only the demo, which
+            # then stops the children in order.
+            start_new_session=True,
+        )
+        self.procs.append((name, proc))
+        return proc
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs:
+            code = proc.poll()
+            if code is not None:
+                raise RuntimeError(f"{name} exited with code {code}; see "
+                                   f"{self.workdir / 'logs' / (name + '.log')}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        # Agents first, so the aggregator does not log them as vanished mid-round.
+        for _name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _name, proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in self._logs:
+            log.close()
+
+
+def _row(rs: admin_pb2.RoundSummary) -> RoundRow:
+    m = rs.metrics
+    has_metrics = m.examples > 0
+    return RoundRow(
+        round=rs.round, outcome=rs.outcome,
+        clinics=f"{len(rs.contributors)}/{len(rs.cohort)}",
+        train_loss=rs.train_loss if rs.outcome == "published" else None,
+        accuracy=m.accuracy if has_metrics else None,
+        balanced_accuracy=m.balanced_accuracy if has_metrics else None,
+        mel_sensitivity=m.sensitivity.get("mel") if has_metrics else None,
+        seconds=max(0.0, rs.finished_at - rs.started_at),
+        stage_seconds=dict(rs.stage_seconds), reason=rs.reason,
+    )
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+TABLE_HEADER = (f"{'round':>5}  {'outcome':<9}  {'clinics':>7}  {'train loss':>10}  "
+                f"{'accuracy':>8}  {'bal. acc':>8}  {'mel sens':>8}  {'seconds':>8}")
+
+
+def format_row(row: RoundRow) -> str:
+    return (f"{row.round:>5}  {row.outcome:<9}  {row.clinics:>7}  {_fmt(row.train_loss):>10}  "
+            f"{_fmt(row.accuracy):>8}  {_fmt(row.balanced_accuracy):>8}  "
+            f"{_fmt(row.mel_sensitivity):>8}  {row.seconds:>8.1f}")
+
+
+def prepare_data(opts: DemoOptions, workdir: Path, out: Callable[[str], None]) -> tuple[Path, Path]:
+    source = opts.data
+    if source is None:
+        source = generate_synthetic(workdir / "data" / "synthetic", seed=opts.seed)
+        out(f"data      synthetic lesion-like images (generated, not patient data): {source}")
+    else:
+        if not source.exists():
+            raise SystemExit(f"dermafed demo: --data {source} does not exist")
+        out(f"data      {source}")
+    if opts.max_images:
+        records = load_records(source)
+        if len(records) > opts.max_images:
+            # A lesion-grouped, class-stratified subset, so the shards stay realistic.
+            _, subset = group_split(records, opts.max_images / len(records), opts.seed)
+            source = workdir / "data" / "subset.csv"
+            source.parent.mkdir(parents=True, exist_ok=True)
+            write_index(subset, source)
+            out(f"subset    {len(subset)} of {len(records)} images (grouped by lesion)")
+    shards = workdir / "shards"
+    result = partition_to_dir(source, shards, clinics=opts.clinics, alpha=opts.alpha,
+                              seed=opts.seed, holdout_fraction=opts.holdout_fraction)
+    holdout = shards / "holdout.csv"
+    n_holdout = len(load_records(holdout))
+    out(f"split     {n_holdout} held-out images (grouped by lesion); clinic shards "
+        f"(Dirichlet alpha={opts.alpha}):")
+    for i, counts in enumerate(result.counts, start=1):
+        mix = " ".join(f"{c}={n}" for c, n in zip(CLASSES, counts, strict=True) if n)
+        out(f"          clinic-{i}: {sum(counts):5d} images  {mix}")
+    return shards, holdout
+
+
+def run_demo(opts: DemoOptions, out: Callable[[str], None] = print) -> list[RoundRow]:
+    workdir = opts.workdir.resolve()
+    prepare_workdir(workdir)
+    clinics = [f"clinic-{i}" for i in range(1, opts.clinics + 1)]
+    out(f"dermafed demo: {opts.clinics} clinics, {opts.rounds} rounds, "
+        f"{opts.aggregation} aggregation, work dir {workdir}")
+    shards, holdout = prepare_data(opts, workdir, out)
+    build_pki(workdir, clinics)
+    out(f"pki       federation CA and {len(clinics) + 2} certificates in {workdir / 'pki'}")
+    agg_cfg, agent_cfgs, admin_cfg = write_configs(opts, workdir, clinics, shards, holdout)
+    (workdir / "state").mkdir(parents=True, exist_ok=True)
+    port_file = workdir / "state" / "port"
+    port_file.unlink(missing_ok=True)
+
+    fed = Federation(workdir)
+    rows: list[RoundRow] = []
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        fed.spawn("aggregator", ["aggregator", "serve", "--config", str(agg_cfg)])
+        port = _wait_for_port(port_file, fed)
+        _set_port([*agent_cfgs, admin_cfg], port)
+        out(f"aggregator listening on localhost:{port} (mutual TLS); logs in {workdir / 'logs'}")
+        for clinic, cfg in zip(clinics, agent_cfgs, strict=True):
+            fed.spawn(clinic, ["agent", "run", "--config", str(cfg)])
+        out(f"agents    {', '.join(clinics)} started")
+        rows = _follow_rounds(opts, fed, load_admin_config(admin_cfg), out)
+    except KeyboardInterrupt:
+        out("\ninterrupted: stopping the federation")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        fed.stop()
+        signal.signal(signal.SIGINT, previous_sigint)
+    out(f"ledger    {workdir / 'state' / 'aggregator' / 'ledger.sqlite'}")
+    out(f"models    {workdir / 'state' / 'aggregator' / 'checkpoints'}")
+    return rows
+
+
+def _wait_for_port(port_file: Path, fed: Federation, timeout: float = 120.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fed.check_alive()
+        if port_file.exists():
+            text = port_file.read_text().strip()
+            if text.isdigit():
+                return int(text)
+        time.sleep(0.1)
+    raise RuntimeError("the aggregator did not start listening in time")
+
+
+def _follow_rounds(opts: DemoOptions, fed: Federation, admin_config: object,
+                   out: Callable[[str], None]) -> list[RoundRow]:
+    client = AdminClient(admin_config)  # type: ignore[arg-type]
+    rows: dict[int, RoundRow] = {}
+    last_state = ""
+    header_printed = False
+    started = time.monotonic()
+    try:
+        while True:
+            fed.check_alive()
+            try:
+                st = client.status()
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    time.sleep(0.5)
+                    continue
+                raise
+            if st.HasField("current_round"):
+                cur = st.current_round
+                state = f"round {cur.round}: {cur.state}"
+                if state != last_state:
+                    out(f"  ... {state} (cohort {', '.join(cur.cohort)})")
+                    last_state = state
+            elif not st.connected_clinics or len(st.connected_clinics) < opts.clinics:
+                state = f"waiting for clinics ({len(st.connected_clinics)}/{opts.clinics})"
+                if state != last_state:
+                    out(f"  ... {state}")
+                    last_state = state
+            if st.HasField("last_round") and st.last_round.round not in rows:
+                row = _row(st.last_round)
+                rows[row.round] = row
+                if not header_printed:
+                    out("")
+                    out(TABLE_HEADER)
+                    header_printed = True
+                out(format_row(row) + (f"  ({row.reason})" if row.reason else ""))
+            if st.rounds_completed >= opts.rounds and st.last_round.round in rows \
+                    and not st.HasField("current_round"):
+                break
+            if time.monotonic() - started > opts.round_timeout_s * max(1, opts.rounds) + 120:
+                raise RuntimeError("the demo did not finish in time")
+            time.sleep(0.3)
+    finally:
+        client.close()
+    ordered = [rows[k] for k in sorted(rows)]
+    out("")
+    total = sum(r.seconds for r in ordered)
+    train = sum(r.stage_seconds.get("train", 0.0) for r in ordered)
+    with contextlib.suppress(ZeroDivisionError):
+        out(f"wall time {total:.1f}s in rounds: {train:.1f}s waiting for local training, "
+            f"{total - train:.1f}s aggregation, validation and publishing")
+    return ordered

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Regenerates the Python stubs in dermafed/v1 from protos/. CI checks they are fresh
+# (tests/test_protos_fresh.py), so run this after editing any .proto file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m grpc_tools.protoc -Iprotos \
+  --python_out=. --grpc_python_out=. --mypy_out=. \
+  protos/dermafed/v1/*.proto
+touch dermafed/v1/__init__.py
