@@ -118,13 +118,15 @@ class Federation:
         self.service = build_service(config or self.aggregator_config(), **kw)
         return self.service
 
-    def clinic_config(self, name: str, **sections: Any) -> ClinicConfig:
-        if self.service is None:
-            raise RuntimeError("start the aggregator first")
+    def clinic_config(self, name: str, address: str | None = None, **sections: Any) -> ClinicConfig:
+        if address is None:
+            if self.service is None:
+                raise RuntimeError("start the aggregator first or pass an address")
+            address = f"localhost:{self.service.port}"
         pair = self.pki.clinics[name]
         cfg = ClinicConfig(
             federation=self.pki.federation,
-            aggregator=AggregatorSection(address=f"localhost:{self.service.port}"),
+            aggregator=AggregatorSection(address=address),
             tls=AgentTls(self.pki.ca_cert, pair.cert, pair.key),
             data=DataSection(self.shards[name]),
             storage=AgentStorage(self.tmp / f"{name}-state"),

@@ -302,3 +302,35 @@ def test_download_refuses_unknown_and_malformed_checkpoint_ids(federation):
     assert hashlib.sha256(download(published)).hexdigest() == published
     assert _code(lambda: download("0" * 64)) == grpc.StatusCode.NOT_FOUND
     assert _code(lambda: download("../../etc/passwd")) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_agent_picks_up_new_cases_between_rounds_without_restart(federation, tmp_path):
+    import shutil
+
+    from aggregator.config import RoundsSection
+    from clinic_agent.config import DataSection
+    from common.datasets import load_records
+
+    records = load_records(federation.shards["clinic-a"])
+    folder = tmp_path / "clinic-a-images"
+    first, later = records[: len(records) // 2], records[len(records) // 2:]
+
+    def add(batch):
+        for rec in batch:
+            (folder / rec.dx).mkdir(parents=True, exist_ok=True)
+            shutil.copy(rec.path, folder / rec.dx / f"{rec.lesion_id}__{rec.image_id}.jpg")
+
+    add(first)
+    cfg = federation.aggregator_config(rounds=RoundsSection(
+        min_clinics=1, start_when_connected=1, train_deadline_s=60.0))
+    service = federation.start_aggregator(cfg)
+    agent = federation.start_agent("clinic-a", federation.clinic_config(
+        "clinic-a", data=DataSection(folder)))
+    federation.wait_rounds(1)
+    assert agent.registry.get_sample_value("dermafed_agent_local_examples") == len(first)
+    add(later)  # new cases arrive while the agent runs
+    # The round running now may have read the folder before the copy; the one after it
+    # certainly starts after it.
+    done = service.coordinator.status().rounds_completed
+    federation.wait_rounds(done + 2)
+    assert agent.registry.get_sample_value("dermafed_agent_local_examples") == len(records)
