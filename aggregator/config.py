@@ -24,7 +24,11 @@ class ServerSection:
 
     def validate(self) -> None:
         parse_hostport(self.listen, "server.listen")
-        require(self.max_message_bytes >= 64 * 1024, "server.max_message_bytes", "must be at least 65536")
+        require(
+            self.max_message_bytes >= 64 * 1024,
+            "server.max_message_bytes",
+            "must be at least 65536",
+        )
         require(self.max_update_bytes > 0, "server.max_update_bytes", "must be positive")
         require(self.max_workers >= 4, "server.max_workers", "must be at least 4")
         require(self.max_poll_wait_s > 0, "server.max_poll_wait_s", "must be positive")
@@ -93,11 +97,17 @@ class RoundsSection:
     seed: int = 0
 
     def validate(self) -> None:
-        require(self.aggregation in AGGREGATION_MODES, "rounds.aggregation",
-                f"must be one of {', '.join(AGGREGATION_MODES)}")
+        require(
+            self.aggregation in AGGREGATION_MODES,
+            "rounds.aggregation",
+            f"must be one of {', '.join(AGGREGATION_MODES)}",
+        )
         require(self.min_clinics >= 1, "rounds.min_clinics", "must be at least 1")
-        require(self.max_cohort >= self.min_clinics, "rounds.max_cohort",
-                "must be at least rounds.min_clinics")
+        require(
+            self.max_cohort >= self.min_clinics,
+            "rounds.max_cohort",
+            "must be at least rounds.min_clinics",
+        )
         require(self.start_when_connected >= 0, "rounds.start_when_connected", "must be >= 0")
         require(self.interval_s >= 0, "rounds.interval_s", "must be >= 0")
         require(self.max_rounds >= 0, "rounds.max_rounds", "must be >= 0")

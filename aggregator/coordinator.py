@@ -47,8 +47,14 @@ TRAIN_STAGE = "train"
 # Declines carry a machine-readable reason; anything else is folded into "other" so a
 # misbehaving clinic cannot blow up the metric's label cardinality.
 KNOWN_DECLINE_REASONS = frozenset(
-    {"privacy_budget_exhausted", "noise_below_floor", "no_data", "dataset_too_small",
-     "incompatible_plan", "shutting_down"}
+    {
+        "privacy_budget_exhausted",
+        "noise_below_floor",
+        "no_data",
+        "dataset_too_small",
+        "incompatible_plan",
+        "shutting_down",
+    }
 )
 
 
@@ -72,11 +78,16 @@ class RoundPlan:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "round": self.round, "parent_checkpoint": self.parent_checkpoint,
-            "local_epochs": self.local_epochs, "optimizer": self.optimizer,
-            "learning_rate": self.learning_rate, "fedprox_mu": self.fedprox_mu,
-            "batch_size": self.batch_size, "delta_clip_norm": self.delta_clip_norm,
-            "aggregation": self.aggregation, "min_clinics": self.min_clinics,
+            "round": self.round,
+            "parent_checkpoint": self.parent_checkpoint,
+            "local_epochs": self.local_epochs,
+            "optimizer": self.optimizer,
+            "learning_rate": self.learning_rate,
+            "fedprox_mu": self.fedprox_mu,
+            "batch_size": self.batch_size,
+            "delta_clip_norm": self.delta_clip_norm,
+            "aggregation": self.aggregation,
+            "min_clinics": self.min_clinics,
         }
 
 
@@ -150,11 +161,19 @@ class StatusView:
 
 def _view_of_record(rec: RoundRecord) -> RoundView:
     return RoundView(
-        round=rec.number, state=rec.outcome or "running", outcome=rec.outcome or "",
-        reason=rec.reason or "", parent_checkpoint=rec.parent, checkpoint=rec.checkpoint or "",
-        cohort=tuple(rec.cohort), contributors=tuple(rec.contributors),
-        train_loss=rec.train_loss, metrics=rec.metrics, started_at=rec.started_at,
-        finished_at=rec.finished_at or 0.0, stage_seconds=dict(rec.stages),
+        round=rec.number,
+        state=rec.outcome or "running",
+        outcome=rec.outcome or "",
+        reason=rec.reason or "",
+        parent_checkpoint=rec.parent,
+        checkpoint=rec.checkpoint or "",
+        cohort=tuple(rec.cohort),
+        contributors=tuple(rec.contributors),
+        train_loss=rec.train_loss,
+        metrics=rec.metrics,
+        started_at=rec.started_at,
+        finished_at=rec.finished_at or 0.0,
+        stage_seconds=dict(rec.stages),
         aggregation=rec.mode,
     )
 
@@ -227,8 +246,12 @@ class Coordinator:
         rec = self.ledger.round(self._published[1]) if self._published[1] else None
         if rec is not None and rec.metrics:
             self.metrics.set_validation(rec.metrics)
-        log.info("resumed: published checkpoint %s (round %d), next round %d",
-                 cid[:12], self._published[1], self.ledger.next_round_number())
+        log.info(
+            "resumed: published checkpoint %s (round %d), next round %d",
+            cid[:12],
+            self._published[1],
+            self.ledger.next_round_number(),
+        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="rounds", daemon=True)
@@ -294,10 +317,12 @@ class Coordinator:
         expected = total_numel(self._specs) * 4
         if header.total_bytes != expected:
             raise InvalidUpdateError(
-                f"header declares {header.total_bytes} bytes, the model needs {expected}")
+                f"header declares {header.total_bytes} bytes, the model needs {expected}"
+            )
         if expected > self.config.server.max_update_bytes:
             raise PayloadTooLargeError(
-                f"an update of {expected} bytes exceeds server.max_update_bytes")
+                f"an update of {expected} bytes exceeds server.max_update_bytes"
+            )
         check_weight(header.weight, header.train_loss)
         return expected
 
@@ -314,8 +339,9 @@ class Coordinator:
             if header.train_loss is not None:
                 running.train_losses[clinic] = header.train_loss
             self.metrics.received_bytes.labels(kind="update").inc(len(payload))
-            self.ledger.record_clinic_event(header.round, clinic, "contributed",
-                                            f"{len(payload)} bytes", self._clock())
+            self.ledger.record_clinic_event(
+                header.round, clinic, "contributed", f"{len(payload)} bytes", self._clock()
+            )
             self._cond.notify_all()
         log.info("round %d: update from %s accepted (%d bytes)", header.round, clinic, len(payload))
 
@@ -331,8 +357,9 @@ class Coordinator:
                 info.declines += 1
                 info.last_decline_reason = reason
             self.metrics.declines.labels(reason=label).inc()
-            self.ledger.record_clinic_event(round_number, clinic, "declined",
-                                            f"{reason}: {detail}"[:500], self._clock())
+            self.ledger.record_clinic_event(
+                round_number, clinic, "declined", f"{reason}: {detail}"[:500], self._clock()
+            )
             self._cond.notify_all()
         log.info("round %d: %s declined (%s)", round_number, clinic, reason)
 
@@ -353,9 +380,14 @@ class Coordinator:
         recent = [r for r in self.ledger.rounds(limit=5) if r.outcome]
         last = _view_of_record(recent[0]) if recent else None
         return StatusView(
-            federation=self.config.federation, published_checkpoint=published[0],
-            published_round=published[1], current=current, last=last, connected=connected,
-            rounds_completed=self._rounds_finished, max_rounds=self.config.rounds.max_rounds,
+            federation=self.config.federation,
+            published_checkpoint=published[0],
+            published_round=published[1],
+            current=current,
+            last=last,
+            connected=connected,
+            rounds_completed=self._rounds_finished,
+            max_rounds=self.config.rounds.max_rounds,
         )
 
     def _running_view_locked(self) -> RoundView | None:
@@ -364,10 +396,18 @@ class Coordinator:
             return None
         st = running.state
         return RoundView(
-            round=st.number, state="finalizing" if running.finalizing else st.stage,
-            outcome="", reason="", parent_checkpoint=st.parent, checkpoint="",
-            cohort=st.cohort, contributors=(), train_loss=None, metrics=None,
-            started_at=st.started_at, finished_at=0.0,
+            round=st.number,
+            state="finalizing" if running.finalizing else st.stage,
+            outcome="",
+            reason="",
+            parent_checkpoint=st.parent,
+            checkpoint="",
+            cohort=st.cohort,
+            contributors=(),
+            train_loss=None,
+            metrics=None,
+            started_at=st.started_at,
+            finished_at=0.0,
             stage_seconds={h.stage: h.seconds for h in st.history},
             aggregation=running.plan.aggregation,
         )
@@ -411,10 +451,10 @@ class Coordinator:
             self.metrics.stage_duration.labels(stage=result.stage).observe(result.seconds)
             for clinic in sorted(result.dropped):
                 self.metrics.dropouts.labels(stage=result.stage).inc()
-                self.ledger.record_clinic_event(st.number, clinic, "dropped",
-                                                f"silent in stage {result.stage}", now)
-                log.warning("round %d: %s dropped out in stage %s", st.number, clinic,
-                            result.stage)
+                self.ledger.record_clinic_event(
+                    st.number, clinic, "dropped", f"silent in stage {result.stage}", now
+                )
+                log.warning("round %d: %s dropped out in stage %s", st.number, clinic, result.stage)
         if st.phase is Phase.ABORTED:
             self._finish_locked(running, "aborted", st.abort_reason, now)
             return None
@@ -430,9 +470,13 @@ class Coordinator:
         self.metrics.connected_clinics.set(len(connected))
         needed = max(rc.min_clinics, rc.start_when_connected)
         if not should_start_round(
-            now=now, connected=len(connected), needed=needed,
-            rounds_finished=self._rounds_finished, max_rounds=rc.max_rounds,
-            last_finished_at=self._last_finished_at, interval_s=rc.interval_s,
+            now=now,
+            connected=len(connected),
+            needed=needed,
+            rounds_finished=self._rounds_finished,
+            max_rounds=rc.max_rounds,
+            last_finished_at=self._last_finished_at,
+            interval_s=rc.interval_s,
             requested=self._round_requested,
         ):
             return
@@ -441,28 +485,45 @@ class Coordinator:
         number = self.ledger.next_round_number()
         pc = self.config.plan
         plan = RoundPlan(
-            round=number, parent_checkpoint=self._published[0], local_epochs=pc.local_epochs,
-            optimizer=pc.optimizer, learning_rate=pc.learning_rate, fedprox_mu=pc.fedprox_mu,
-            batch_size=pc.batch_size, delta_clip_norm=pc.delta_clip_norm,
-            aggregation=rc.aggregation, min_clinics=rc.min_clinics, cohort=tuple(cohort),
+            round=number,
+            parent_checkpoint=self._published[0],
+            local_epochs=pc.local_epochs,
+            optimizer=pc.optimizer,
+            learning_rate=pc.learning_rate,
+            fedprox_mu=pc.fedprox_mu,
+            batch_size=pc.batch_size,
+            delta_clip_norm=pc.delta_clip_norm,
+            aggregation=rc.aggregation,
+            min_clinics=rc.min_clinics,
+            cohort=tuple(cohort),
             federation=self.config.federation,
         )
         state = Round.start(
-            number=number, parent=self._published[0], cohort=cohort,
-            min_clinics=rc.min_clinics, stages=(TRAIN_STAGE,),
-            stage_timeouts={TRAIN_STAGE: rc.train_deadline_s}, now=now,
+            number=number,
+            parent=self._published[0],
+            cohort=cohort,
+            min_clinics=rc.min_clinics,
+            stages=(TRAIN_STAGE,),
+            stage_timeouts={TRAIN_STAGE: rc.train_deadline_s},
+            now=now,
         )
-        self.ledger.begin_round(number, self._published[0], rc.aggregation, plan.to_json(),
-                                list(cohort), now)
+        self.ledger.begin_round(
+            number, self._published[0], rc.aggregation, plan.to_json(), list(cohort), now
+        )
         for clinic in cohort:
             self.ledger.record_clinic_event(number, clinic, "selected", "", now)
-        self._running = RunningRound(state, plan, PlainFedAvg(total_numel(self._specs),
-                                                             pc.delta_clip_norm))
+        self._running = RunningRound(
+            state, plan, PlainFedAvg(total_numel(self._specs), pc.delta_clip_norm)
+        )
         self.metrics.round_number.set(number)
         self.metrics.round_running.set(1)
         self.metrics.cohort_size.set(len(cohort))
-        log.info("round %d started with cohort %s from checkpoint %s", number,
-                 ", ".join(cohort), self._published[0][:12])
+        log.info(
+            "round %d started with cohort %s from checkpoint %s",
+            number,
+            ", ".join(cohort),
+            self._published[0][:12],
+        )
         self._cond.notify_all()
 
     def _finalize(self, running: RunningRound) -> None:
@@ -485,8 +546,9 @@ class Coordinator:
         except Exception as exc:  # a failed finalisation must abort, never half-publish
             log.exception("round %d: finalisation failed", st.number)
             with self._cond:
-                self._finish_locked(running, "aborted", f"finalisation failed: {exc}",
-                                    self._clock())
+                self._finish_locked(
+                    running, "aborted", f"finalisation failed: {exc}", self._clock()
+                )
             return
         with self._cond:
             now = self._clock()
@@ -497,8 +559,14 @@ class Coordinator:
                 self.metrics.stage_duration.labels(stage="validate").observe(eval_seconds)
             self.ledger.record_checkpoint(cid, st.number, st.parent, now, metrics)
             self._finish_locked(
-                running, "published", "", now, checkpoint=cid,
-                contributors=result.contributors, train_loss=result.mean_loss, metrics=metrics,
+                running,
+                "published",
+                "",
+                now,
+                checkpoint=cid,
+                contributors=result.contributors,
+                train_loss=result.mean_loss,
+                metrics=metrics,
             )
 
     def _finish_locked(
@@ -516,8 +584,14 @@ class Coordinator:
         st = running.state
         if outcome == "published" and checkpoint is not None:
             self.ledger.finish_round(
-                st.number, outcome, reason, now, checkpoint=checkpoint,
-                contributors=list(contributors), train_loss=train_loss, metrics=metrics,
+                st.number,
+                outcome,
+                reason,
+                now,
+                checkpoint=checkpoint,
+                contributors=list(contributors),
+                train_loss=train_loss,
+                metrics=metrics,
                 publish=True,
             )
             self._published = (checkpoint, st.number)
@@ -531,11 +605,16 @@ class Coordinator:
                 info = self._clinics.get(clinic)
                 if info is not None:
                     info.rounds_contributed += 1
-            log.info("round %d published checkpoint %s from %d clinic(s)", st.number,
-                     checkpoint[:12], len(contributors))
+            log.info(
+                "round %d published checkpoint %s from %d clinic(s)",
+                st.number,
+                checkpoint[:12],
+                len(contributors),
+            )
         else:
-            self.ledger.finish_round(st.number, outcome, reason, now,
-                                     contributors=list(contributors))
+            self.ledger.finish_round(
+                st.number, outcome, reason, now, contributors=list(contributors)
+            )
             log.warning("round %d %s: %s", st.number, outcome, reason)
         self.metrics.rounds.labels(outcome=outcome).inc()
         self.metrics.round_duration.observe(max(0.0, now - st.started_at))
@@ -548,8 +627,13 @@ class Coordinator:
 
     def _checkpoint_metadata(self, round_number: int, parent: str) -> dict[str, str]:
         meta = dict(self.model_config.to_metadata())
-        meta.update({"dermafed.round": str(round_number), "dermafed.parent": parent,
-                     "dermafed.federation": self.config.federation})
+        meta.update(
+            {
+                "dermafed.round": str(round_number),
+                "dermafed.parent": parent,
+                "dermafed.federation": self.config.federation,
+            }
+        )
         return meta
 
     # -- helpers for tests and the servicer ----------------------------------------------

@@ -21,7 +21,7 @@ MAX_WEIGHT = 1e8
 
 @dataclass(frozen=True)
 class AggregateResult:
-    delta: np.ndarray       # float32, weighted mean of the contributions
+    delta: np.ndarray  # float32, weighted mean of the contributions
     total_weight: float
     mean_loss: float | None
     contributors: tuple[str, ...]

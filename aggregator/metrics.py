@@ -18,63 +18,129 @@ class AggregatorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.round_number = Gauge(
-            "dermafed_round_number", "Number of the running or most recent round.",
-            registry=registry)
+            "dermafed_round_number",
+            "Number of the running or most recent round.",
+            registry=registry,
+        )
         self.published_round = Gauge(
-            "dermafed_published_round", "Round whose checkpoint is currently published "
-            "(0 = the initial model).", registry=registry)
+            "dermafed_published_round",
+            "Round whose checkpoint is currently published (0 = the initial model).",
+            registry=registry,
+        )
         self.published_timestamp = Gauge(
             "dermafed_published_timestamp_seconds",
-            "Unix time the published checkpoint last changed.", registry=registry)
+            "Unix time the published checkpoint last changed.",
+            registry=registry,
+        )
         self.rounds = Counter(
-            "dermafed_rounds_total", "Finished rounds by outcome.", ["outcome"],
-            registry=registry)
+            "dermafed_rounds_total", "Finished rounds by outcome.", ["outcome"], registry=registry
+        )
         self.round_running = Gauge(
-            "dermafed_round_running", "1 while a round is running.", registry=registry)
+            "dermafed_round_running", "1 while a round is running.", registry=registry
+        )
         self.stage_duration = Histogram(
-            "dermafed_round_stage_duration_seconds", "Wall time of each round stage.",
-            ["stage"], buckets=STAGE_BUCKETS, registry=registry)
+            "dermafed_round_stage_duration_seconds",
+            "Wall time of each round stage.",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=registry,
+        )
         self.round_duration = Histogram(
-            "dermafed_round_duration_seconds", "Wall time of whole rounds.",
-            buckets=STAGE_BUCKETS, registry=registry)
+            "dermafed_round_duration_seconds",
+            "Wall time of whole rounds.",
+            buckets=STAGE_BUCKETS,
+            registry=registry,
+        )
         self.cohort_size = Gauge(
-            "dermafed_round_cohort_size", "Clinics selected for the current round.",
-            registry=registry)
+            "dermafed_round_cohort_size",
+            "Clinics selected for the current round.",
+            registry=registry,
+        )
         self.contributors = Gauge(
-            "dermafed_round_contributors", "Clinics whose update made it into the last round.",
-            registry=registry)
+            "dermafed_round_contributors",
+            "Clinics whose update made it into the last round.",
+            registry=registry,
+        )
         self.dropouts = Counter(
-            "dermafed_clinic_dropouts_total", "Clinics that went silent, by stage.",
-            ["stage"], registry=registry)
+            "dermafed_clinic_dropouts_total",
+            "Clinics that went silent, by stage.",
+            ["stage"],
+            registry=registry,
+        )
         self.declines = Counter(
-            "dermafed_clinic_declines_total", "Rounds declined by clinics, by reason.",
-            ["reason"], registry=registry)
+            "dermafed_clinic_declines_total",
+            "Rounds declined by clinics, by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self.received_bytes = Counter(
-            "dermafed_received_bytes_total", "Payload bytes received from clinics.",
-            ["kind"], registry=registry)
+            "dermafed_received_bytes_total",
+            "Payload bytes received from clinics.",
+            ["kind"],
+            registry=registry,
+        )
         self.sent_bytes = Counter(
-            "dermafed_sent_bytes_total", "Payload bytes sent to clinics.",
-            ["kind"], registry=registry)
+            "dermafed_sent_bytes_total",
+            "Payload bytes sent to clinics.",
+            ["kind"],
+            registry=registry,
+        )
         self.rejected_rpcs = Counter(
-            "dermafed_rejected_requests_total", "Requests refused, by method and status code.",
-            ["method", "code"], registry=registry)
+            "dermafed_rejected_requests_total",
+            "Requests refused, by method and status code.",
+            ["method", "code"],
+            registry=registry,
+        )
         self.connected_clinics = Gauge(
-            "dermafed_connected_clinics", "Clinics that polled recently.", registry=registry)
+            "dermafed_connected_clinics", "Clinics that polled recently.", registry=registry
+        )
         self.clinic_last_seen = Gauge(
-            "dermafed_clinic_last_seen_timestamp_seconds", "Unix time each clinic last polled.",
-            ["clinic"], registry=registry)
+            "dermafed_clinic_last_seen_timestamp_seconds",
+            "Unix time each clinic last polled.",
+            ["clinic"],
+            registry=registry,
+        )
         self.validation = Gauge(
-            "dermafed_validation_score", "Held-out metric of the published checkpoint "
-            "(accuracy, balanced_accuracy, macro_auroc).", ["metric"], registry=registry)
+            "dermafed_validation_score",
+            "Held-out metric of the published checkpoint "
+            "(accuracy, balanced_accuracy, macro_auroc).",
+            ["metric"],
+            registry=registry,
+        )
         self.sensitivity = Gauge(
-            "dermafed_validation_sensitivity", "Held-out per-class sensitivity of the "
-            "published checkpoint.", ["class"], registry=registry)
+            "dermafed_validation_sensitivity",
+            "Held-out per-class sensitivity of the published checkpoint.",
+            ["class"],
+            registry=registry,
+        )
         self.rollbacks = Counter(
-            "dermafed_rollbacks_total", "Candidate checkpoints rejected by the gate "
-            "(automatic) and admin rollbacks.", ["kind"], registry=registry)
+            "dermafed_rollbacks_total",
+            "Candidate checkpoints rejected by the gate (automatic) and admin rollbacks.",
+            ["kind"],
+            registry=registry,
+        )
         self.train_loss = Gauge(
-            "dermafed_round_train_loss", "Weighted mean local training loss of the last round.",
-            registry=registry)
+            "dermafed_round_train_loss",
+            "Weighted mean local training loss of the last round.",
+            registry=registry,
+        )
+        self.clinic_epsilon_spent = Gauge(
+            "dermafed_clinic_epsilon_spent",
+            "Differential-privacy epsilon each clinic reports having spent.",
+            ["clinic"],
+            registry=registry,
+        )
+        self.clinic_epsilon_remaining = Gauge(
+            "dermafed_clinic_epsilon_remaining",
+            "Epsilon each clinic reports having left.",
+            ["clinic"],
+            registry=registry,
+        )
+        self.certificate_expiry = Gauge(
+            "dermafed_certificate_expiry_timestamp_seconds",
+            "Unix time the service's own TLS certificate expires.",
+            registry=registry,
+        )
         for outcome in ("published", "rejected", "aborted"):
             self.rounds.labels(outcome=outcome)
         for kind in ("automatic", "admin"):

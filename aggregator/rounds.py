@@ -26,7 +26,7 @@ from common.errors import (
 
 class Phase(enum.Enum):
     RUNNING = "running"
-    READY = "ready"          # every stage finished with enough clinics; finalise now
+    READY = "ready"  # every stage finished with enough clinics; finalise now
     ABORTED = "aborted"
 
 
@@ -128,9 +128,7 @@ class Round:
         if clinic not in self.cohort:
             raise NotInCohortError(f"clinic {clinic!r} is not in the cohort of round {self.number}")
         if stage != self.stage:
-            raise StaleRoundError(
-                f"round {self.number} is in stage {self.stage!r}, not {stage!r}"
-            )
+            raise StaleRoundError(f"round {self.number} is in stage {self.stage!r}, not {stage!r}")
         if clinic in self.responded:
             raise DuplicateSubmissionError(
                 f"clinic {clinic!r} already answered stage {stage!r} of round {self.number}"

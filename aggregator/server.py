@@ -64,8 +64,12 @@ class AggregatorService:
         self.ledger.close()
 
 
-def build_service(config: AggregatorConfig, *, registry: CollectorRegistry | None = None,
-                  start_rounds: bool = True) -> AggregatorService:
+def build_service(
+    config: AggregatorConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    start_rounds: bool = True,
+) -> AggregatorService:
     registry = registry or CollectorRegistry()
     metrics = AggregatorMetrics(registry)
     config.storage.state_dir.mkdir(parents=True, exist_ok=True)
@@ -74,27 +78,42 @@ def build_service(config: AggregatorConfig, *, registry: CollectorRegistry | Non
     store = CheckpointStore(config.storage.checkpoint_dir)
     evaluator = None
     if config.validation.holdout is not None and str(config.validation.holdout):
-        evaluator = HoldoutEvaluator(config.validation.holdout, config.model.to_model_config(),
-                                     max_examples=config.validation.max_examples)
-    coordinator = Coordinator(config, ledger=ledger, store=store, metrics=metrics,
-                              evaluator=evaluator)
+        evaluator = HoldoutEvaluator(
+            config.validation.holdout,
+            config.model.to_model_config(),
+            max_examples=config.validation.max_examples,
+        )
+    coordinator = Coordinator(
+        config, ledger=ledger, store=store, metrics=metrics, evaluator=evaluator
+    )
     coordinator.open()
+    metrics.certificate_expiry.set(
+        load_certificate(config.tls.cert).not_valid_after_utc.timestamp()
+    )
 
     ca_cert = load_certificate(config.tls.ca_cert)
     auth = PeerAuthenticator(config.federation, RevocationList(config.tls.crl, ca_cert))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.server.max_workers,
-                                   thread_name_prefix="grpc"),
-        options=merge_options(SERVER_GRPC_OPTIONS, [
-            ("grpc.max_receive_message_length", config.server.max_message_bytes),
-            ("grpc.max_send_message_length", config.server.max_message_bytes),
-        ]),
+        futures.ThreadPoolExecutor(
+            max_workers=config.server.max_workers, thread_name_prefix="grpc"
+        ),
+        options=merge_options(
+            SERVER_GRPC_OPTIONS,
+            [
+                ("grpc.max_receive_message_length", config.server.max_message_bytes),
+                ("grpc.max_send_message_length", config.server.max_message_bytes),
+            ],
+        ),
         maximum_concurrent_rpcs=config.server.max_workers * 4,
     )
     federation_pb2_grpc.add_FederationServicer_to_server(
-        FederationServicer(coordinator, auth, metrics,
-                           max_poll_wait_s=config.server.max_poll_wait_s,
-                           max_update_bytes=config.server.max_update_bytes),
+        FederationServicer(
+            coordinator,
+            auth,
+            metrics,
+            max_poll_wait_s=config.server.max_poll_wait_s,
+            max_update_bytes=config.server.max_update_bytes,
+        ),
         server,
     )
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(coordinator, auth, metrics), server)
@@ -120,8 +139,9 @@ def build_service(config: AggregatorConfig, *, registry: CollectorRegistry | Non
     if config.server.port_file:
         Path(config.server.port_file).write_text(f"{bound}\n")
     log.info("aggregator for federation %r listening on %s:%d", config.federation, host, bound)
-    return AggregatorService(config, coordinator, server, bound, health_servicer, registry,
-                             ledger, metrics_port)
+    return AggregatorService(
+        config, coordinator, server, bound, health_servicer, registry, ledger, metrics_port
+    )
 
 
 def serve_forever(config: AggregatorConfig) -> int:

@@ -56,14 +56,16 @@ def status_for(error: DermafedError) -> grpc.StatusCode:
 
 
 class _Base:
-    def __init__(self, coordinator: Coordinator, auth: PeerAuthenticator,
-                 metrics: AggregatorMetrics) -> None:
+    def __init__(
+        self, coordinator: Coordinator, auth: PeerAuthenticator, metrics: AggregatorMetrics
+    ) -> None:
         self.coordinator = coordinator
         self.auth = auth
         self.metrics = metrics
 
-    def _abort(self, context: grpc.ServicerContext, method: str, code: grpc.StatusCode,
-               message: str) -> NoReturn:
+    def _abort(
+        self, context: grpc.ServicerContext, method: str, code: grpc.StatusCode, message: str
+    ) -> NoReturn:
         self.metrics.rejected_rpcs.labels(method=method, code=code.name).inc()
         context.abort(code, message)
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
@@ -87,44 +89,62 @@ class _Base:
 
 def plan_to_proto(plan: RoundPlan) -> federation_pb2.RoundPlan:
     return federation_pb2.RoundPlan(
-        round=plan.round, parent_checkpoint=plan.parent_checkpoint,
-        local_epochs=plan.local_epochs, optimizer=plan.optimizer,
-        learning_rate=plan.learning_rate, fedprox_mu=plan.fedprox_mu,
-        batch_size=plan.batch_size, delta_clip_norm=plan.delta_clip_norm,
-        aggregation=plan.aggregation, min_clinics=plan.min_clinics, cohort=list(plan.cohort),
-        stage_deadline=plan.stage_deadline, federation=plan.federation,
+        round=plan.round,
+        parent_checkpoint=plan.parent_checkpoint,
+        local_epochs=plan.local_epochs,
+        optimizer=plan.optimizer,
+        learning_rate=plan.learning_rate,
+        fedprox_mu=plan.fedprox_mu,
+        batch_size=plan.batch_size,
+        delta_clip_norm=plan.delta_clip_norm,
+        aggregation=plan.aggregation,
+        min_clinics=plan.min_clinics,
+        cohort=list(plan.cohort),
+        stage_deadline=plan.stage_deadline,
+        federation=plan.federation,
     )
 
 
 def header_from_proto(msg: federation_pb2.UpdateHeader) -> UploadHeader:
     return UploadHeader(
-        round=msg.round, encoding=msg.encoding,
-        tensors=tuple(TensorSpec(t.name, tuple(int(d) for d in t.shape), t.dtype)
-                      for t in msg.tensors),
-        total_bytes=msg.total_bytes, weight=msg.weight,
+        round=msg.round,
+        encoding=msg.encoding,
+        tensors=tuple(
+            TensorSpec(t.name, tuple(int(d) for d in t.shape), t.dtype) for t in msg.tensors
+        ),
+        total_bytes=msg.total_bytes,
+        weight=msg.weight,
         train_loss=msg.train_loss if msg.HasField("train_loss") else None,
         train_seconds=msg.train_seconds,
     )
 
 
 class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
-    def __init__(self, coordinator: Coordinator, auth: PeerAuthenticator,
-                 metrics: AggregatorMetrics, *, max_poll_wait_s: float,
-                 max_update_bytes: int) -> None:
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        auth: PeerAuthenticator,
+        metrics: AggregatorMetrics,
+        *,
+        max_poll_wait_s: float,
+        max_update_bytes: int,
+    ) -> None:
         super().__init__(coordinator, auth, metrics)
         self.max_poll_wait_s = max_poll_wait_s
         self.max_update_bytes = max_update_bytes
 
-    def Poll(self, request: federation_pb2.PollRequest,
-             context: grpc.ServicerContext) -> federation_pb2.PollResponse:
+    def Poll(
+        self, request: federation_pb2.PollRequest, context: grpc.ServicerContext
+    ) -> federation_pb2.PollResponse:
         who = self._identity(context, "Poll", "clinic")
         wait = min(request.wait_ms / 1000.0, self.max_poll_wait_s)
         remaining = context.time_remaining()
         if remaining is not None:
             # Answer before the caller's deadline so it sees IDLE, not DEADLINE_EXCEEDED.
             wait = max(0.0, min(wait, remaining - 0.5))
-        result = self._call(context, "Poll",
-                            lambda: self.coordinator.poll(who.name, request.last_round, wait))
+        result = self._call(
+            context, "Poll", lambda: self.coordinator.poll(who.name, request.last_round, wait)
+        )
         response = federation_pb2.PollResponse(
             published_checkpoint=result.published_checkpoint,
             published_round=result.published_round,
@@ -137,14 +157,17 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
             response.plan.CopyFrom(plan_to_proto(result.task))
         return response
 
-    def DownloadCheckpoint(self, request: federation_pb2.DownloadCheckpointRequest,
-                           context: grpc.ServicerContext) -> Iterator[federation_pb2.CheckpointChunk]:
+    def DownloadCheckpoint(
+        self, request: federation_pb2.DownloadCheckpointRequest, context: grpc.ServicerContext
+    ) -> Iterator[federation_pb2.CheckpointChunk]:
         who = self._identity(context, "DownloadCheckpoint", "clinic")
         cid = request.checkpoint
-        size = self._call(context, "DownloadCheckpoint",
-                          lambda: self._checkpoint_size(who.name, cid))
-        chunks = self._call(context, "DownloadCheckpoint",
-                            lambda: self.coordinator.checkpoint_chunks(who.name, cid))
+        size = self._call(
+            context, "DownloadCheckpoint", lambda: self._checkpoint_size(who.name, cid)
+        )
+        chunks = self._call(
+            context, "DownloadCheckpoint", lambda: self.coordinator.checkpoint_chunks(who.name, cid)
+        )
         first = True
         sent = 0
         try:
@@ -164,52 +187,88 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
             raise NotFoundError(f"checkpoint {cid[:16]} is not known")
         return self.coordinator.checkpoint_size(cid)
 
-    def UploadUpdate(self, request_iterator: Iterator[federation_pb2.UpdateChunk],
-                     context: grpc.ServicerContext) -> federation_pb2.UploadReceipt:
+    def UploadUpdate(
+        self, request_iterator: Iterator[federation_pb2.UpdateChunk], context: grpc.ServicerContext
+    ) -> federation_pb2.UploadReceipt:
         who = self._identity(context, "UploadUpdate", "clinic")
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
-            self._abort(context, "UploadUpdate", grpc.StatusCode.INVALID_ARGUMENT,
-                        "an upload must start with a header message")
+            self._abort(
+                context,
+                "UploadUpdate",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "an upload must start with a header message",
+            )
         header = header_from_proto(first.header)
         if header.total_bytes > self.max_update_bytes:
-            self._abort(context, "UploadUpdate", grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"declared update of {header.total_bytes} bytes exceeds the limit of "
-                        f"{self.max_update_bytes}")
-        expected = self._call(context, "UploadUpdate",
-                              lambda: self.coordinator.begin_upload(who.name, header))
+            self._abort(
+                context,
+                "UploadUpdate",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"declared update of {header.total_bytes} bytes exceeds the limit of "
+                f"{self.max_update_bytes}",
+            )
+        expected = self._call(
+            context, "UploadUpdate", lambda: self.coordinator.begin_upload(who.name, header)
+        )
         payload = bytearray()
         for msg in request_iterator:
             if msg.WhichOneof("part") != "data":
-                self._abort(context, "UploadUpdate", grpc.StatusCode.INVALID_ARGUMENT,
-                            "only payload chunks may follow the header")
+                self._abort(
+                    context,
+                    "UploadUpdate",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "only payload chunks may follow the header",
+                )
             if len(payload) + len(msg.data) > expected:
-                self._abort(context, "UploadUpdate", grpc.StatusCode.INVALID_ARGUMENT,
-                            f"payload exceeds the {expected} bytes the header declared")
+                self._abort(
+                    context,
+                    "UploadUpdate",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"payload exceeds the {expected} bytes the header declared",
+                )
             payload += msg.data
-        self._call(context, "UploadUpdate",
-                   lambda: self.coordinator.complete_upload(who.name, header, bytes(payload)))
+        self._call(
+            context,
+            "UploadUpdate",
+            lambda: self.coordinator.complete_upload(who.name, header, bytes(payload)),
+        )
         return federation_pb2.UploadReceipt(round=header.round, bytes_received=len(payload))
 
-    def DeclineRound(self, request: federation_pb2.DeclineRequest,
-                     context: grpc.ServicerContext) -> federation_pb2.DeclineReceipt:
+    def DeclineRound(
+        self, request: federation_pb2.DeclineRequest, context: grpc.ServicerContext
+    ) -> federation_pb2.DeclineReceipt:
         who = self._identity(context, "DeclineRound", "clinic")
         reason = request.reason.strip()
         if not reason or len(reason) > 64:
-            self._abort(context, "DeclineRound", grpc.StatusCode.INVALID_ARGUMENT,
-                        "reason must be a short machine-readable string")
-        self._call(context, "DeclineRound", lambda: self.coordinator.decline(
-            who.name, request.round, reason, request.detail[:500]))
+            self._abort(
+                context,
+                "DeclineRound",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "reason must be a short machine-readable string",
+            )
+        self._call(
+            context,
+            "DeclineRound",
+            lambda: self.coordinator.decline(who.name, request.round, reason, request.detail[:500]),
+        )
         return federation_pb2.DeclineReceipt(round=request.round)
 
 
 def round_to_proto(view: RoundView) -> admin_pb2.RoundSummary:
     msg = admin_pb2.RoundSummary(
-        round=view.round, state=view.state, outcome=view.outcome, reason=view.reason,
-        parent_checkpoint=view.parent_checkpoint, checkpoint=view.checkpoint,
-        cohort=list(view.cohort), contributors=list(view.contributors),
-        train_loss=view.train_loss or 0.0, started_at=view.started_at,
-        finished_at=view.finished_at, aggregation=view.aggregation,
+        round=view.round,
+        state=view.state,
+        outcome=view.outcome,
+        reason=view.reason,
+        parent_checkpoint=view.parent_checkpoint,
+        checkpoint=view.checkpoint,
+        cohort=list(view.cohort),
+        contributors=list(view.contributors),
+        train_loss=view.train_loss or 0.0,
+        started_at=view.started_at,
+        finished_at=view.finished_at,
+        aggregation=view.aggregation,
     )
     msg.stage_seconds.update(view.stage_seconds)
     m = view.metrics or {}
@@ -227,14 +286,18 @@ def round_to_proto(view: RoundView) -> admin_pb2.RoundSummary:
 
 
 class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
-    def GetStatus(self, request: admin_pb2.GetStatusRequest,
-                  context: grpc.ServicerContext) -> admin_pb2.GetStatusResponse:
+    def GetStatus(
+        self, request: admin_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.GetStatusResponse:
         self._identity(context, "GetStatus", "admin")
         st = self._call(context, "GetStatus", self.coordinator.status)
         response = admin_pb2.GetStatusResponse(
-            federation=st.federation, published_round=st.published_round,
-            published_checkpoint=st.published_checkpoint, connected_clinics=list(st.connected),
-            rounds_completed=st.rounds_completed, max_rounds=st.max_rounds,
+            federation=st.federation,
+            published_round=st.published_round,
+            published_checkpoint=st.published_checkpoint,
+            connected_clinics=list(st.connected),
+            rounds_completed=st.rounds_completed,
+            max_rounds=st.max_rounds,
         )
         if st.current is not None:
             response.current_round.CopyFrom(round_to_proto(st.current))

@@ -21,18 +21,20 @@ CHUNK_BYTES = 1 << 20
 
 # Codes worth retrying after a pause: the aggregator is restarting, overloaded or the
 # network blinked. Anything else is an answer, not an outage.
-RETRYABLE = frozenset({
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.CANCELLED,
-})
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
 
 
 @dataclass(frozen=True)
 class Task:
-    kind: str               # "idle" | "train"
+    kind: str  # "idle" | "train"
     plan: federation_pb2.RoundPlan | None
     published_checkpoint: str
     published_round: int
@@ -40,9 +42,17 @@ class Task:
 
 
 class FederationClient:
-    def __init__(self, address: str, *, ca_cert: object, cert: object, key: object,
-                 server_name: str = "", rpc_timeout_s: float = 30.0,
-                 transfer_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        ca_cert: object,
+        cert: object,
+        key: object,
+        server_name: str = "",
+        rpc_timeout_s: float = 30.0,
+        transfer_timeout_s: float = 600.0,
+    ) -> None:
         creds = channel_credentials(ca_cert, cert, key)  # type: ignore[arg-type]
         options: list[tuple[str, object]] = []
         if server_name:
@@ -61,8 +71,13 @@ class FederationClient:
             timeout=wait_s + self.rpc_timeout_s,
         )
         kind = "train" if resp.kind == federation_pb2.PollResponse.TRAIN else "idle"
-        return Task(kind, resp.plan if kind == "train" else None, resp.published_checkpoint,
-                    resp.published_round, resp.retry_after_ms / 1000.0)
+        return Task(
+            kind,
+            resp.plan if kind == "train" else None,
+            resp.published_checkpoint,
+            resp.published_round,
+            resp.retry_after_ms / 1000.0,
+        )
 
     def download(self, checkpoint: str) -> bytes:
         """Fetch a checkpoint and check it hashes to its content address."""
@@ -80,23 +95,39 @@ class FederationClient:
             raise ValueError(f"checkpoint download truncated: {len(data)} of {total} bytes")
         digest = hashlib.sha256(data).hexdigest()
         if digest != checkpoint:
-            raise ValueError(f"checkpoint hash mismatch: asked {checkpoint[:12]}, got {digest[:12]}")
+            raise ValueError(
+                f"checkpoint hash mismatch: asked {checkpoint[:12]}, got {digest[:12]}"
+            )
         return data
 
-    def upload(self, *, round_number: int, specs: Sequence[TensorSpec], vector: np.ndarray,
-               weight: float, train_loss: float, train_seconds: float) -> int:
+    def upload(
+        self,
+        *,
+        round_number: int,
+        specs: Sequence[TensorSpec],
+        vector: np.ndarray,
+        weight: float,
+        train_loss: float,
+        train_seconds: float,
+    ) -> int:
         payload = memoryview(encode_f32le(vector))
         header = federation_pb2.UpdateHeader(
-            round=round_number, encoding="f32le", total_bytes=len(payload), weight=weight,
-            train_loss=train_loss, train_seconds=train_seconds,
-            tensors=[federation_pb2.TensorSpec(name=s.name, shape=list(s.shape), dtype=s.dtype)
-                     for s in specs],
+            round=round_number,
+            encoding="f32le",
+            total_bytes=len(payload),
+            weight=weight,
+            train_loss=train_loss,
+            train_seconds=train_seconds,
+            tensors=[
+                federation_pb2.TensorSpec(name=s.name, shape=list(s.shape), dtype=s.dtype)
+                for s in specs
+            ],
         )
 
         def chunks() -> Iterator[federation_pb2.UpdateChunk]:
             yield federation_pb2.UpdateChunk(header=header)
             for start in range(0, len(payload), CHUNK_BYTES):
-                yield federation_pb2.UpdateChunk(data=bytes(payload[start:start + CHUNK_BYTES]))
+                yield federation_pb2.UpdateChunk(data=bytes(payload[start : start + CHUNK_BYTES]))
 
         receipt = self.stub.UploadUpdate(chunks(), timeout=self.transfer_timeout_s)
         return int(receipt.bytes_received)

@@ -46,7 +46,7 @@ class StorageSection:
 
 @dataclass(frozen=True)
 class TrainingSection:
-    threads: int = 0                 # 0: let PyTorch decide
+    threads: int = 0  # 0: let PyTorch decide
     class_weighting: str = "balanced"
     augment: bool = True
     momentum: float = 0.9
@@ -55,8 +55,11 @@ class TrainingSection:
 
     def validate(self) -> None:
         require(self.threads >= 0, "training.threads", "must be >= 0")
-        require(self.class_weighting in ("balanced", "none"), "training.class_weighting",
-                "must be 'balanced' or 'none'")
+        require(
+            self.class_weighting in ("balanced", "none"),
+            "training.class_weighting",
+            "must be 'balanced' or 'none'",
+        )
         require(0 <= self.momentum < 1, "training.momentum", "must be in [0, 1)")
         require(self.weight_decay >= 0, "training.weight_decay", "must be >= 0")
 
@@ -73,8 +76,11 @@ class NetworkSection:
         require(self.poll_wait_s > 0, "network.poll_wait_s", "must be positive")
         require(self.rpc_timeout_s > 0, "network.rpc_timeout_s", "must be positive")
         require(self.transfer_timeout_s > 0, "network.transfer_timeout_s", "must be positive")
-        require(0 < self.backoff_initial_s <= self.backoff_max_s, "network.backoff_initial_s",
-                "must be positive and at most network.backoff_max_s")
+        require(
+            0 < self.backoff_initial_s <= self.backoff_max_s,
+            "network.backoff_initial_s",
+            "must be positive and at most network.backoff_max_s",
+        )
 
 
 @dataclass(frozen=True)

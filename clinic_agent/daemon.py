@@ -37,7 +37,7 @@ log = logging.getLogger("dermafed.agent")
 @dataclass(frozen=True)
 class RoundOutcome:
     round: int
-    result: str          # "contributed" | "declined" | "failed"
+    result: str  # "contributed" | "declined" | "failed"
     detail: str = ""
     train_loss: float | None = None
     train_seconds: float = 0.0
@@ -45,8 +45,14 @@ class RoundOutcome:
 
 
 class ClinicAgent:
-    def __init__(self, config: ClinicConfig, *, metrics: AgentMetrics,
-                 stop: threading.Event | None = None, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: ClinicConfig,
+        *,
+        metrics: AgentMetrics,
+        stop: threading.Event | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.stop_event = stop or threading.Event()
@@ -54,15 +60,20 @@ class ClinicAgent:
         cert = load_certificate(config.tls.cert)
         self.identity = identity_from_certificate(cert, config.federation)
         if self.identity.role != "clinic":
-            raise ValueError(f"{config.tls.cert} is a {self.identity.role} certificate, "
-                             "not a clinic certificate")
+            raise ValueError(
+                f"{config.tls.cert} is a {self.identity.role} certificate, not a clinic certificate"
+            )
         self.clinic_id = self.identity.name
+        metrics.certificate_expiry.set(cert.not_valid_after_utc.timestamp())
         self.state_dir = config.storage.state_dir
         self.checkpoint_dir = self.state_dir / "checkpoints"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.client = FederationClient(
-            config.aggregator.address, ca_cert=config.tls.ca_cert, cert=config.tls.cert,
-            key=config.tls.key, server_name=config.aggregator.server_name,
+            config.aggregator.address,
+            ca_cert=config.tls.ca_cert,
+            cert=config.tls.cert,
+            key=config.tls.key,
+            server_name=config.aggregator.server_name,
             rpc_timeout_s=config.network.rpc_timeout_s,
             transfer_timeout_s=config.network.transfer_timeout_s,
         )
@@ -84,8 +95,13 @@ class ClinicAgent:
                 self.metrics.connected.set(0)
                 delay = backoff.next_delay()
                 level = logging.INFO if exc.code() in RETRYABLE else logging.ERROR
-                log.log(level, "poll failed (%s: %s); retrying in %.1fs", exc.code().name,
-                        exc.details(), delay)
+                log.log(
+                    level,
+                    "poll failed (%s: %s); retrying in %.1fs",
+                    exc.code().name,
+                    exc.details(),
+                    delay,
+                )
                 self.stop_event.wait(delay)
                 continue
             self.metrics.connected.set(1)
@@ -96,8 +112,11 @@ class ClinicAgent:
             else:
                 # The server already held the call for poll_wait_s; a short pause keeps an
                 # idle federation from spinning when the server answers early.
-                self.stop_event.wait(min(task.retry_after_s, 0.2) if task.kind == "idle"
-                                     else task.retry_after_s or 1.0)
+                self.stop_event.wait(
+                    min(task.retry_after_s, 0.2)
+                    if task.kind == "idle"
+                    else task.retry_after_s or 1.0
+                )
 
     def close(self) -> None:
         self.client.close()
@@ -117,8 +136,14 @@ class ClinicAgent:
                 return RoundOutcome(number, "declined", "no_data")
             tcfg = self._train_config(plan)
             t0 = time.monotonic()
-            result = train_local(model_cfg, global_state, images, labels, tcfg,
-                                 threads=self.config.training.threads or None)
+            result = train_local(
+                model_cfg,
+                global_state,
+                images,
+                labels,
+                tcfg,
+                threads=self.config.training.threads or None,
+            )
             train_seconds = time.monotonic() - t0
             delta = compute_delta(result.state, global_state)
             vector = flatten(delta)
@@ -126,8 +151,11 @@ class ClinicAgent:
                 vector, _norm = clip_l2(vector, plan.delta_clip_norm)
                 vector = vector.astype(np.float32)
             sent = self.client.upload(
-                round_number=number, specs=specs_of(global_state), vector=vector,
-                weight=float(result.num_examples), train_loss=float(result.mean_loss),
+                round_number=number,
+                specs=specs_of(global_state),
+                vector=vector,
+                weight=float(result.num_examples),
+                train_loss=float(result.mean_loss),
                 train_seconds=train_seconds,
             )
         except grpc.RpcError as exc:
@@ -148,25 +176,39 @@ class ClinicAgent:
         self.metrics.train_loss.set(result.mean_loss)
         self.metrics.examples_per_second.set(result.examples_per_second)
         self.metrics.round_duration.labels(phase="train").observe(train_seconds)
-        self.metrics.round_duration.labels(phase="protocol").observe(max(0.0, total - train_seconds))
+        self.metrics.round_duration.labels(phase="protocol").observe(
+            max(0.0, total - train_seconds)
+        )
         self.metrics.rounds.labels(result="contributed").inc()
         self.metrics.last_round.set(number)
         self.metrics.last_success.set(time.time())
-        log.info("round %d: trained on %d examples (loss %.4f, %.1fs), uploaded %d bytes",
-                 number, result.num_examples, result.mean_loss, train_seconds, sent)
-        return RoundOutcome(number, "contributed", "", result.mean_loss, train_seconds,
-                            total - train_seconds)
+        log.info(
+            "round %d: trained on %d examples (loss %.4f, %.1fs), uploaded %d bytes",
+            number,
+            result.num_examples,
+            result.mean_loss,
+            train_seconds,
+            sent,
+        )
+        return RoundOutcome(
+            number, "contributed", "", result.mean_loss, train_seconds, total - train_seconds
+        )
 
     def _train_config(self, plan: federation_pb2.RoundPlan) -> TrainConfig:
         t = self.config.training
         seed_material = f"{self.clinic_id}/{plan.round}/{t.seed}".encode()
         seed = int.from_bytes(hashlib.sha256(seed_material).digest()[:4], "little")
         return TrainConfig(
-            epochs=int(plan.local_epochs), optimizer=plan.optimizer or "sgd",
-            learning_rate=float(plan.learning_rate), momentum=t.momentum,
-            weight_decay=t.weight_decay, fedprox_mu=float(plan.fedprox_mu),
-            batch_size=int(plan.batch_size) or 32, class_weighting=t.class_weighting,
-            augment=t.augment, seed=seed,
+            epochs=int(plan.local_epochs),
+            optimizer=plan.optimizer or "sgd",
+            learning_rate=float(plan.learning_rate),
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            fedprox_mu=float(plan.fedprox_mu),
+            batch_size=int(plan.batch_size) or 32,
+            class_weighting=t.class_weighting,
+            augment=t.augment,
+            seed=seed,
         )
 
     def _global_model(self, checkpoint: str) -> tuple[dict, ModelConfig]:
@@ -203,8 +245,10 @@ class ClinicAgent:
         records = load_records(self.config.data.path)
         self.metrics.local_examples.set(len(records))
         if not records:
-            return (np.zeros((0, model_cfg.input_size, model_cfg.input_size, 3), np.uint8),
-                    np.zeros(0, np.int64))
+            return (
+                np.zeros((0, model_cfg.input_size, model_cfg.input_size, 3), np.uint8),
+                np.zeros(0, np.int64),
+            )
         images = self.images.load(records, model_cfg.input_size)
         labels = np.array([r.label for r in records], dtype=np.int64)
         return images, labels

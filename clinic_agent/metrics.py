@@ -15,37 +15,63 @@ class AgentMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.connected = Gauge(
-            "dermafed_agent_connected", "1 when the last call to the aggregator succeeded.",
-            registry=registry)
+            "dermafed_agent_connected",
+            "1 when the last call to the aggregator succeeded.",
+            registry=registry,
+        )
         self.train_loss = Gauge(
-            "dermafed_agent_train_loss", "Mean local training loss of the last round.",
-            registry=registry)
+            "dermafed_agent_train_loss",
+            "Mean local training loss of the last round.",
+            registry=registry,
+        )
         self.examples_per_second = Gauge(
-            "dermafed_agent_train_examples_per_second", "Local training throughput.",
-            registry=registry)
+            "dermafed_agent_train_examples_per_second",
+            "Local training throughput.",
+            registry=registry,
+        )
         self.local_examples = Gauge(
-            "dermafed_agent_local_examples", "Training examples found in the data folder.",
-            registry=registry)
+            "dermafed_agent_local_examples",
+            "Training examples found in the data folder.",
+            registry=registry,
+        )
         self.round_duration = Histogram(
-            "dermafed_agent_round_duration_seconds", "Wall time the agent spent per round.",
-            ["phase"], buckets=ROUND_BUCKETS, registry=registry)
+            "dermafed_agent_round_duration_seconds",
+            "Wall time the agent spent per round.",
+            ["phase"],
+            buckets=ROUND_BUCKETS,
+            registry=registry,
+        )
         self.rounds = Counter(
-            "dermafed_agent_rounds_total", "Rounds by result.", ["result"], registry=registry)
+            "dermafed_agent_rounds_total", "Rounds by result.", ["result"], registry=registry
+        )
         self.last_round = Gauge(
-            "dermafed_agent_last_round", "Last round this clinic contributed to.",
-            registry=registry)
+            "dermafed_agent_last_round", "Last round this clinic contributed to.", registry=registry
+        )
         self.last_success = Gauge(
             "dermafed_agent_last_success_timestamp_seconds",
-            "Unix time of the last successful contribution.", registry=registry)
+            "Unix time of the last successful contribution.",
+            registry=registry,
+        )
         self.epsilon_spent = Gauge(
-            "dermafed_agent_epsilon_spent", "Differential-privacy epsilon spent so far.",
-            registry=registry)
+            "dermafed_agent_epsilon_spent",
+            "Differential-privacy epsilon spent so far.",
+            registry=registry,
+        )
         self.epsilon_remaining = Gauge(
-            "dermafed_agent_epsilon_remaining", "Differential-privacy epsilon left in the budget.",
-            registry=registry)
+            "dermafed_agent_epsilon_remaining",
+            "Differential-privacy epsilon left in the budget.",
+            registry=registry,
+        )
         self.sent_bytes = Counter(
-            "dermafed_agent_sent_bytes_total", "Payload bytes uploaded.", registry=registry)
+            "dermafed_agent_sent_bytes_total", "Payload bytes uploaded.", registry=registry
+        )
         self.received_bytes = Counter(
-            "dermafed_agent_received_bytes_total", "Payload bytes downloaded.", registry=registry)
+            "dermafed_agent_received_bytes_total", "Payload bytes downloaded.", registry=registry
+        )
+        self.certificate_expiry = Gauge(
+            "dermafed_certificate_expiry_timestamp_seconds",
+            "Unix time the agent's own TLS certificate expires.",
+            registry=registry,
+        )
         for result in ("contributed", "declined", "failed"):
             self.rounds.labels(result=result)

@@ -18,7 +18,7 @@ class Backoff:
         self._attempt = 0
 
     def next_delay(self) -> float:
-        cap = min(self.maximum, self.initial * (2 ** self._attempt))
+        cap = min(self.maximum, self.initial * (2**self._attempt))
         self._attempt = min(self._attempt + 1, 62)
         return self._rng.uniform(0.0, cap)
 

@@ -54,7 +54,16 @@ def _coerce(value: Any, tp: Any, key: str, base: Path | None) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
@@ -220,5 +229,8 @@ class LoggingSection:
     json: bool = False
 
     def validate(self) -> None:
-        require(self.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level",
-                "must be DEBUG, INFO, WARNING or ERROR")
+        require(
+            self.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+            "logging.level",
+            "must be DEBUG, INFO, WARNING or ERROR",
+        )

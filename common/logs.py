@@ -31,8 +31,11 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = False, prefix: str 
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
-            f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter(
+                f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+            )
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -54,8 +54,9 @@ def in_order(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[st
     if set(state) != set(names):
         missing = sorted(set(names) - set(state))[:3]
         extra = sorted(set(state) - set(names))[:3]
-        raise InvalidUpdateError(f"state does not match the model: missing {missing}, "
-                                 f"unexpected {extra}")
+        raise InvalidUpdateError(
+            f"state does not match the model: missing {missing}, unexpected {extra}"
+        )
     return {name: state[name] for name in names}
 
 
@@ -99,7 +100,9 @@ def unflatten(vector: np.ndarray, specs: Sequence[TensorSpec]) -> dict[str, torc
     return out
 
 
-def decode_f32le(payload: bytes | bytearray | memoryview, specs: Sequence[TensorSpec]) -> np.ndarray:
+def decode_f32le(
+    payload: bytes | bytearray | memoryview, specs: Sequence[TensorSpec]
+) -> np.ndarray:
     """Decode an ``f32le`` update payload, refusing a wrong length or any NaN/Inf."""
     expected = total_numel(specs) * 4
     if len(payload) != expected:

@@ -10,7 +10,8 @@ from dermafed.demo import DemoOptions, run_demo
 
 def register(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
-        "demo", help="run an aggregator and N clinic agents locally over mutual TLS",
+        "demo",
+        help="run an aggregator and N clinic agents locally over mutual TLS",
         description="Builds a throwaway PKI, splits the data into a lesion-grouped held-out "
         "set and non-IID clinic shards, starts the aggregator and one agent per clinic as "
         "separate processes on free localhost ports, and prints one table row per round. "
@@ -18,18 +19,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--clinics", type=int, default=3, help="number of clinics (default 3)")
     demo.add_argument("--rounds", type=int, default=3, help="rounds to run (default 3)")
-    demo.add_argument("--data", type=Path, default=None,
-                      help="HAM10000-layout folder, class folders or index CSV "
-                      "(default: generated synthetic data)")
-    demo.add_argument("--workdir", type=Path, default=Path("dermafed-demo"),
-                      help="where PKI, configs, ledger, checkpoints and logs go")
-    demo.add_argument("--alpha", type=float, default=1.0,
-                      help="Dirichlet label-skew concentration across clinics (default 1.0)")
+    demo.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="HAM10000-layout folder, class folders or index CSV "
+        "(default: generated synthetic data)",
+    )
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("dermafed-demo"),
+        help="where PKI, configs, ledger, checkpoints and logs go",
+    )
+    demo.add_argument(
+        "--alpha",
+        type=float,
+        default=1.0,
+        help="Dirichlet label-skew concentration across clinics (default 1.0)",
+    )
     demo.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     demo.add_argument("--lr", type=float, default=0.05, help="local learning rate")
     demo.add_argument("--image-size", type=int, default=64, help="model input size in pixels")
-    demo.add_argument("--max-images", type=int, default=0,
-                      help="use at most this many images of --data (0: all)")
+    demo.add_argument(
+        "--max-images", type=int, default=0, help="use at most this many images of --data (0: all)"
+    )
     demo.add_argument("--aggregation", choices=("plain", "secure"), default="plain")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_run)
@@ -40,10 +54,17 @@ def _run(args: argparse.Namespace) -> int:
         print("dermafed demo: --clinics and --rounds must be at least 1")
         return 2
     opts = DemoOptions(
-        clinics=args.clinics, rounds=args.rounds, data=args.data, workdir=args.workdir,
-        alpha=args.alpha, local_epochs=args.epochs, learning_rate=args.lr,
-        input_size=args.image_size, max_images=args.max_images,
-        aggregation=args.aggregation, seed=args.seed,
+        clinics=args.clinics,
+        rounds=args.rounds,
+        data=args.data,
+        workdir=args.workdir,
+        alpha=args.alpha,
+        local_epochs=args.epochs,
+        learning_rate=args.lr,
+        input_size=args.image_size,
+        max_images=args.max_images,
+        aggregation=args.aggregation,
+        seed=args.seed,
     )
     rows = run_demo(opts)
     return 0 if rows and len(rows) >= args.rounds else 1

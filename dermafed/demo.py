@@ -90,8 +90,9 @@ def write_toml(path: Path, data: dict[str, object]) -> None:
 
 def prepare_workdir(workdir: Path) -> None:
     if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
-        raise SystemExit(f"dermafed demo: {workdir} exists and is not a demo work dir; "
-                         "choose another --workdir")
+        raise SystemExit(
+            f"dermafed demo: {workdir} exists and is not a demo work dir; choose another --workdir"
+        )
     if (workdir / MARKER).exists():
         for sub in ("pki", "config", "state", "logs", "shards", "data"):
             shutil.rmtree(workdir / sub, ignore_errors=True)
@@ -102,58 +103,85 @@ def prepare_workdir(workdir: Path) -> None:
 def build_pki(workdir: Path, clinics: Sequence[str]) -> Path:
     ca_dir = workdir / "pki" / "ca"
     pki.init_ca(FEDERATION, ca_dir)
-    pki.issue(ca_dir, "aggregator", "aggregator", workdir / "pki" / "aggregator",
-              dns=["localhost"], ips=["127.0.0.1"])
+    pki.issue(
+        ca_dir,
+        "aggregator",
+        "aggregator",
+        workdir / "pki" / "aggregator",
+        dns=["localhost"],
+        ips=["127.0.0.1"],
+    )
     for clinic in clinics:
         pki.issue(ca_dir, "clinic", clinic, workdir / "pki" / clinic)
     pki.issue(ca_dir, "admin", "demo-admin", workdir / "pki" / "admin")
     return ca_dir
 
 
-def write_configs(opts: DemoOptions, workdir: Path, clinics: Sequence[str], shards: Path,
-                  holdout: Path) -> tuple[Path, list[Path], Path]:
+def write_configs(
+    opts: DemoOptions, workdir: Path, clinics: Sequence[str], shards: Path, holdout: Path
+) -> tuple[Path, list[Path], Path]:
     cfg_dir = workdir / "config"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     pki_dir = workdir / "pki"
     agg_cfg = cfg_dir / "aggregator.toml"
-    write_toml(agg_cfg, {
-        "federation": FEDERATION,
-        "server": {"listen": "127.0.0.1:0", "port_file": str(workdir / "state" / "port")},
-        "tls": {"ca_cert": pki_dir / "ca" / "ca.crt",
+    write_toml(
+        agg_cfg,
+        {
+            "federation": FEDERATION,
+            "server": {"listen": "127.0.0.1:0", "port_file": str(workdir / "state" / "port")},
+            "tls": {
+                "ca_cert": pki_dir / "ca" / "ca.crt",
                 "cert": pki_dir / "aggregator" / "aggregator.crt",
                 "key": pki_dir / "aggregator" / "aggregator.key",
-                "crl": pki_dir / "ca" / "crl.pem"},
-        "storage": {"state_dir": workdir / "state" / "aggregator"},
-        "model": {"input_size": opts.input_size, "seed": opts.seed},
-        "rounds": {"aggregation": opts.aggregation, "min_clinics": max(1, len(clinics) - 1),
-                   "start_when_connected": len(clinics), "max_rounds": opts.rounds,
-                   "train_deadline_s": opts.round_timeout_s, "seed": opts.seed},
-        "plan": {"local_epochs": opts.local_epochs, "learning_rate": opts.learning_rate},
-        "validation": {"holdout": holdout},
-    })
+                "crl": pki_dir / "ca" / "crl.pem",
+            },
+            "storage": {"state_dir": workdir / "state" / "aggregator"},
+            "model": {"input_size": opts.input_size, "seed": opts.seed},
+            "rounds": {
+                "aggregation": opts.aggregation,
+                "min_clinics": max(1, len(clinics) - 1),
+                "start_when_connected": len(clinics),
+                "max_rounds": opts.rounds,
+                "train_deadline_s": opts.round_timeout_s,
+                "seed": opts.seed,
+            },
+            "plan": {"local_epochs": opts.local_epochs, "learning_rate": opts.learning_rate},
+            "validation": {"holdout": holdout},
+        },
+    )
     agent_cfgs = []
     for i, clinic in enumerate(clinics, start=1):
         path = cfg_dir / f"{clinic}.toml"
-        write_toml(path, {
-            "federation": FEDERATION,
-            "aggregator": {"address": "localhost:PORT"},
-            "tls": {"ca_cert": pki_dir / clinic / "ca.crt",
+        write_toml(
+            path,
+            {
+                "federation": FEDERATION,
+                "aggregator": {"address": "localhost:PORT"},
+                "tls": {
+                    "ca_cert": pki_dir / clinic / "ca.crt",
                     "cert": pki_dir / clinic / f"{clinic}.crt",
-                    "key": pki_dir / clinic / f"{clinic}.key"},
-            "data": {"path": shards / f"clinic-{i}.csv"},
-            "storage": {"state_dir": workdir / "state" / clinic},
-            "training": {"threads": opts.threads_per_clinic, "seed": opts.seed},
-            "network": {"poll_wait_s": 5.0, "backoff_max_s": 5.0},
-        })
+                    "key": pki_dir / clinic / f"{clinic}.key",
+                },
+                "data": {"path": shards / f"clinic-{i}.csv"},
+                "storage": {"state_dir": workdir / "state" / clinic},
+                "training": {"threads": opts.threads_per_clinic, "seed": opts.seed},
+                "network": {"poll_wait_s": 5.0, "backoff_max_s": 5.0},
+            },
+        )
         agent_cfgs.append(path)
     admin_cfg = cfg_dir / "admin.toml"
-    write_toml(admin_cfg, {
-        "federation": FEDERATION,
-        "aggregator": {"address": "localhost:PORT"},
-        "tls": {"ca_cert": pki_dir / "admin" / "ca.crt",
+    write_toml(
+        admin_cfg,
+        {
+            "federation": FEDERATION,
+            "aggregator": {"address": "localhost:PORT"},
+            "tls": {
+                "ca_cert": pki_dir / "admin" / "ca.crt",
                 "cert": pki_dir / "admin" / "demo-admin.crt",
-                "key": pki_dir / "admin" / "demo-admin.key"},
-    })
+                "key": pki_dir / "admin" / "demo-admin.key",
+            },
+        },
+    )
     return agg_cfg, agent_cfgs, admin_cfg
 
 
@@ -176,7 +204,9 @@ class Federation:
         log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dermafed.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "dermafed.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
             # Own process group: a Ctrl-C in the terminal reaches only the demo, which
             # then stops the children in order.
             start_new_session=True,
@@ -188,8 +218,9 @@ class Federation:
         for name, proc in self.procs:
             code = proc.poll()
             if code is not None:
-                raise RuntimeError(f"{name} exited with code {code}; see "
-                                   f"{self.workdir / 'logs' / (name + '.log')}")
+                raise RuntimeError(
+                    f"{name} exited with code {code}; see {self.workdir / 'logs' / (name + '.log')}"
+                )
 
     def stop(self, timeout: float = 20.0) -> None:
         # Agents first, so the aggregator does not log them as vanished mid-round.
@@ -211,14 +242,16 @@ def _row(rs: admin_pb2.RoundSummary) -> RoundRow:
     m = rs.metrics
     has_metrics = m.examples > 0
     return RoundRow(
-        round=rs.round, outcome=rs.outcome,
+        round=rs.round,
+        outcome=rs.outcome,
         clinics=f"{len(rs.contributors)}/{len(rs.cohort)}",
         train_loss=rs.train_loss if rs.outcome == "published" else None,
         accuracy=m.accuracy if has_metrics else None,
         balanced_accuracy=m.balanced_accuracy if has_metrics else None,
         mel_sensitivity=m.sensitivity.get("mel") if has_metrics else None,
         seconds=max(0.0, rs.finished_at - rs.started_at),
-        stage_seconds=dict(rs.stage_seconds), reason=rs.reason,
+        stage_seconds=dict(rs.stage_seconds),
+        reason=rs.reason,
     )
 
 
@@ -226,14 +259,18 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-TABLE_HEADER = (f"{'round':>5}  {'outcome':<9}  {'clinics':>7}  {'train loss':>10}  "
-                f"{'accuracy':>8}  {'bal. acc':>8}  {'mel sens':>8}  {'seconds':>8}")
+TABLE_HEADER = (
+    f"{'round':>5}  {'outcome':<9}  {'clinics':>7}  {'train loss':>10}  "
+    f"{'accuracy':>8}  {'bal. acc':>8}  {'mel sens':>8}  {'seconds':>8}"
+)
 
 
 def format_row(row: RoundRow) -> str:
-    return (f"{row.round:>5}  {row.outcome:<9}  {row.clinics:>7}  {_fmt(row.train_loss):>10}  "
-            f"{_fmt(row.accuracy):>8}  {_fmt(row.balanced_accuracy):>8}  "
-            f"{_fmt(row.mel_sensitivity):>8}  {row.seconds:>8.1f}")
+    return (
+        f"{row.round:>5}  {row.outcome:<9}  {row.clinics:>7}  {_fmt(row.train_loss):>10}  "
+        f"{_fmt(row.accuracy):>8}  {_fmt(row.balanced_accuracy):>8}  "
+        f"{_fmt(row.mel_sensitivity):>8}  {row.seconds:>8.1f}"
+    )
 
 
 def prepare_data(opts: DemoOptions, workdir: Path, out: Callable[[str], None]) -> tuple[Path, Path]:
@@ -255,12 +292,20 @@ def prepare_data(opts: DemoOptions, workdir: Path, out: Callable[[str], None]) -
             write_index(subset, source)
             out(f"subset    {len(subset)} of {len(records)} images (grouped by lesion)")
     shards = workdir / "shards"
-    result = partition_to_dir(source, shards, clinics=opts.clinics, alpha=opts.alpha,
-                              seed=opts.seed, holdout_fraction=opts.holdout_fraction)
+    result = partition_to_dir(
+        source,
+        shards,
+        clinics=opts.clinics,
+        alpha=opts.alpha,
+        seed=opts.seed,
+        holdout_fraction=opts.holdout_fraction,
+    )
     holdout = shards / "holdout.csv"
     n_holdout = len(load_records(holdout))
-    out(f"split     {n_holdout} held-out images (grouped by lesion); clinic shards "
-        f"(Dirichlet alpha={opts.alpha}):")
+    out(
+        f"split     {n_holdout} held-out images (grouped by lesion); clinic shards "
+        f"(Dirichlet alpha={opts.alpha}):"
+    )
     for i, counts in enumerate(result.counts, start=1):
         mix = " ".join(f"{c}={n}" for c, n in zip(CLASSES, counts, strict=True) if n)
         out(f"          clinic-{i}: {sum(counts):5d} images  {mix}")
@@ -271,8 +316,10 @@ def run_demo(opts: DemoOptions, out: Callable[[str], None] = print) -> list[Roun
     workdir = opts.workdir.resolve()
     prepare_workdir(workdir)
     clinics = [f"clinic-{i}" for i in range(1, opts.clinics + 1)]
-    out(f"dermafed demo: {opts.clinics} clinics, {opts.rounds} rounds, "
-        f"{opts.aggregation} aggregation, work dir {workdir}")
+    out(
+        f"dermafed demo: {opts.clinics} clinics, {opts.rounds} rounds, "
+        f"{opts.aggregation} aggregation, work dir {workdir}"
+    )
     shards, holdout = prepare_data(opts, workdir, out)
     build_pki(workdir, clinics)
     out(f"pki       federation CA and {len(clinics) + 2} certificates in {workdir / 'pki'}")
@@ -316,8 +363,9 @@ def _wait_for_port(port_file: Path, fed: Federation, timeout: float = 120.0) -> 
     raise RuntimeError("the aggregator did not start listening in time")
 
 
-def _follow_rounds(opts: DemoOptions, fed: Federation, admin_config: object,
-                   out: Callable[[str], None]) -> list[RoundRow]:
+def _follow_rounds(
+    opts: DemoOptions, fed: Federation, admin_config: object, out: Callable[[str], None]
+) -> list[RoundRow]:
     client = AdminClient(admin_config)  # type: ignore[arg-type]
     rows: dict[int, RoundRow] = {}
     last_state = ""
@@ -352,8 +400,11 @@ def _follow_rounds(opts: DemoOptions, fed: Federation, admin_config: object,
                     out(TABLE_HEADER)
                     header_printed = True
                 out(format_row(row) + (f"  ({row.reason})" if row.reason else ""))
-            if st.rounds_completed >= opts.rounds and st.last_round.round in rows \
-                    and not st.HasField("current_round"):
+            if (
+                st.rounds_completed >= opts.rounds
+                and st.last_round.round in rows
+                and not st.HasField("current_round")
+            ):
                 break
             if time.monotonic() - started > opts.round_timeout_s * max(1, opts.rounds) + 120:
                 raise RuntimeError("the demo did not finish in time")
@@ -365,6 +416,8 @@ def _follow_rounds(opts: DemoOptions, fed: Federation, admin_config: object,
     total = sum(r.seconds for r in ordered)
     train = sum(r.stage_seconds.get("train", 0.0) for r in ordered)
     with contextlib.suppress(ZeroDivisionError):
-        out(f"wall time {total:.1f}s in rounds: {train:.1f}s waiting for local training, "
-            f"{total - train:.1f}s aggregation, validation and publishing")
+        out(
+            f"wall time {total:.1f}s in rounds: {train:.1f}s waiting for local training, "
+            f"{total - train:.1f}s aggregation, validation and publishing"
+        )
     return ordered

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pki_fixtures import FederationPKI, make_federation
 from prometheus_client import CollectorRegistry
 
 from aggregator.config import (
@@ -34,20 +35,25 @@ from clinic_agent.config import (
     ClinicConfig,
     DataSection,
     NetworkSection,
-    StorageSection as AgentStorage,
-    TlsSection as AgentTls,
     TrainingSection,
+)
+from clinic_agent.config import (
+    StorageSection as AgentStorage,
+)
+from clinic_agent.config import (
+    TlsSection as AgentTls,
 )
 from clinic_agent.daemon import ClinicAgent
 from clinic_agent.metrics import AgentMetrics
 from common.datasets import group_split, load_records
 from common.partition import dirichlet_partition, write_index
-from pki_fixtures import FederationPKI, make_federation
 
-HAM = Path(os.environ.get(
-    "DERMAFED_HAM10000",
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000_200x150",
-))
+HAM = Path(
+    os.environ.get(
+        "DERMAFED_HAM10000",
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000_200x150",
+    )
+)
 
 CLINICS = ("clinic-a", "clinic-b", "clinic-c")
 # Small and fast: the tests check the machinery, the benchmarks check model quality.
@@ -60,8 +66,9 @@ def require_ham() -> Path:
     return HAM
 
 
-def make_shards(tmp: Path, *, per_clinic: int = 30, holdout: int = 40,
-                clinics: tuple[str, ...] = CLINICS) -> tuple[dict[str, Path], Path]:
+def make_shards(
+    tmp: Path, *, per_clinic: int = 30, holdout: int = 40, clinics: tuple[str, ...] = CLINICS
+) -> tuple[dict[str, Path], Path]:
     """Index files for each clinic and a held-out set, lesion-grouped, from real images."""
     records = load_records(require_ham())
     total = per_clinic * len(clinics) + holdout
@@ -102,19 +109,27 @@ class Federation:
     def aggregator_config(self, **sections: Any) -> AggregatorConfig:
         cfg = AggregatorConfig(
             federation=self.pki.federation,
-            tls=TlsSection(self.pki.ca_cert, self.pki.aggregator.cert, self.pki.aggregator.key,
-                           self.pki.crl),
+            tls=TlsSection(
+                self.pki.ca_cert, self.pki.aggregator.cert, self.pki.aggregator.key, self.pki.crl
+            ),
             storage=StorageSection(self.tmp / "aggregator-state"),
             server=ServerSection(listen="127.0.0.1:0", max_poll_wait_s=2.0),
             model=TEST_MODEL,
-            rounds=RoundsSection(min_clinics=2, start_when_connected=3, max_rounds=0,
-                                 train_deadline_s=60.0, connected_timeout_s=30.0),
+            rounds=RoundsSection(
+                min_clinics=2,
+                start_when_connected=3,
+                max_rounds=0,
+                train_deadline_s=60.0,
+                connected_timeout_s=30.0,
+            ),
             plan=PlanSection(local_epochs=1, learning_rate=0.05, batch_size=16),
             validation=ValidationSection(holdout=self.holdout),
         )
         return replace(cfg, **sections)
 
-    def start_aggregator(self, config: AggregatorConfig | None = None, **kw: Any) -> AggregatorService:
+    def start_aggregator(
+        self, config: AggregatorConfig | None = None, **kw: Any
+    ) -> AggregatorService:
         self.service = build_service(config or self.aggregator_config(), **kw)
         return self.service
 
@@ -131,8 +146,13 @@ class Federation:
             data=DataSection(self.shards[name]),
             storage=AgentStorage(self.tmp / f"{name}-state"),
             training=TrainingSection(threads=1, augment=False),
-            network=NetworkSection(poll_wait_s=1.0, rpc_timeout_s=10.0, transfer_timeout_s=60.0,
-                                   backoff_initial_s=0.05, backoff_max_s=0.5),
+            network=NetworkSection(
+                poll_wait_s=1.0,
+                rpc_timeout_s=10.0,
+                transfer_timeout_s=60.0,
+                backoff_initial_s=0.05,
+                backoff_max_s=0.5,
+            ),
         )
         return replace(cfg, **sections)
 

@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from federation_harness import CLINICS, Federation
+
 from dermafed.demo import write_toml
-from federation_harness import CLINICS, Federation, federation  # noqa: F401 (fixture)
 
 
 def _free_port() -> int:
@@ -31,7 +32,9 @@ def _rounds(ledger: Path) -> list[tuple[int, str | None, str | None]]:
         return []
     conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5)
     try:
-        return conn.execute("SELECT number, outcome, checkpoint FROM rounds ORDER BY number").fetchall()
+        return conn.execute(
+            "SELECT number, outcome, checkpoint FROM rounds ORDER BY number"
+        ).fetchall()
     except sqlite3.OperationalError:
         return []
     finally:
@@ -41,7 +44,9 @@ def _rounds(ledger: Path) -> list[tuple[int, str | None, str | None]]:
 def _published(ledger: Path) -> str:
     conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5)
     try:
-        return conn.execute("SELECT checkpoint FROM publications ORDER BY id DESC LIMIT 1").fetchone()[0]
+        return conn.execute(
+            "SELECT checkpoint FROM publications ORDER BY id DESC LIMIT 1"
+        ).fetchone()[0]
     finally:
         conn.close()
 
@@ -60,16 +65,23 @@ def test_sigkill_mid_round_then_restart(federation: Federation, tmp_path: Path):
     state = tmp_path / "agg"
     cfg_path = tmp_path / "aggregator.toml"
     pki = federation.pki
-    write_toml(cfg_path, {
-        "federation": pki.federation,
-        "server": {"listen": f"127.0.0.1:{port}", "max_poll_wait_s": 1.0},
-        "tls": {"ca_cert": pki.ca_cert, "cert": pki.aggregator.cert, "key": pki.aggregator.key,
-                "crl": pki.crl},
-        "storage": {"state_dir": state},
-        "model": {"input_size": 32, "width": 8},
-        "rounds": {"min_clinics": 2, "start_when_connected": 3, "train_deadline_s": 60.0},
-        "plan": {"local_epochs": 3, "batch_size": 8},
-    })
+    write_toml(
+        cfg_path,
+        {
+            "federation": pki.federation,
+            "server": {"listen": f"127.0.0.1:{port}", "max_poll_wait_s": 1.0},
+            "tls": {
+                "ca_cert": pki.ca_cert,
+                "cert": pki.aggregator.cert,
+                "key": pki.aggregator.key,
+                "crl": pki.crl,
+            },
+            "storage": {"state_dir": state},
+            "model": {"input_size": 32, "width": 8},
+            "rounds": {"min_clinics": 2, "start_when_connected": 3, "train_deadline_s": 60.0},
+            "plan": {"local_epochs": 3, "batch_size": 8},
+        },
+    )
     log = open(tmp_path / "aggregator.log", "ab")  # noqa: SIM115
     cmd = [sys.executable, "-m", "dermafed.cli", "aggregator", "serve", "--config", str(cfg_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -90,8 +102,11 @@ def test_sigkill_mid_round_then_restart(federation: Federation, tmp_path: Path):
 
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         # The interrupted round is aborted at start; the published model is the same file.
-        _wait(lambda: all(o is not None for n, o, _c in _rounds(ledger) if n in interrupted),
-              60, "the interrupted round to be recorded as aborted")
+        _wait(
+            lambda: all(o is not None for n, o, _c in _rounds(ledger) if n in interrupted),
+            60,
+            "the interrupted round to be recorded as aborted",
+        )
         rows = {n: (o, c) for n, o, c in _rounds(ledger)}
         assert all(rows[n][0] == "aborted" for n in interrupted)
         assert _published(ledger) == before
@@ -99,8 +114,11 @@ def test_sigkill_mid_round_then_restart(federation: Federation, tmp_path: Path):
         assert hashlib.sha256(data).hexdigest() == before
         assert not list((state / "checkpoints").glob(".tmp*"))
         # The agents reconnect on their own and the next round publishes.
-        _wait(lambda: any(n > max(interrupted) and o == "published"
-                          for n, o, _c in _rounds(ledger)), 180, "a round after the restart")
+        _wait(
+            lambda: any(n > max(interrupted) and o == "published" for n, o, _c in _rounds(ledger)),
+            180,
+            "a round after the restart",
+        )
         conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         conn.close()
@@ -121,20 +139,19 @@ def test_sigkill_mid_round_then_restart(federation: Federation, tmp_path: Path):
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dermafed.cli", *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "dermafed.cli", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_bad_config_exits_non_zero_naming_the_key(tmp_path: Path):
     cfg = tmp_path / "aggregator.toml"
+    base = 'federation = "f"\n[tls]\nca_cert="a"\ncert="b"\nkey="c"\n[storage]\nstate_dir="s"\n'
     cases = {
-        'federation = "f"\n[tls]\nca_cert="a"\ncert="b"\nkey="c"\n[storage]\nstate_dir="s"\n'
-        '[rounds]\nmin_clinics = "many"\n': "rounds.min_clinics",
-        'federation = "f"\n[tls]\nca_cert="a"\ncert="b"\nkey="c"\n[storage]\nstate_dir="s"\n':
-            "tls.ca_cert",
+        base + '[rounds]\nmin_clinics = "many"\n': "rounds.min_clinics",
+        base: "tls.ca_cert",  # the certificate files do not exist
         'federation = "f"\n[storage]\nstate_dir="s"\n': "tls.ca_cert",
-        'federation = "f"\n[tls]\nca_cert="a"\ncert="b"\nkey="c"\n[storage]\nstate_dir="s"\n'
-        '[rounds]\nmin_cinics = 2\n': "rounds.min_cinics",
+        base + "[rounds]\nmin_cinics = 2\n": "rounds.min_cinics",
         "federation = [\n": "not valid TOML",
     }
     for body, key in cases.items():

@@ -39,8 +39,11 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
 
 
 def test_environment_overrides_use_double_underscores(tmp_path):
-    env = {"DERMAFED__ROUNDS__MIN_CLINICS": "3", "DERMAFED__PLAN__LEARNING_RATE": "0.5",
-           "DERMAFED__LOGGING__JSON": "true"}
+    env = {
+        "DERMAFED__ROUNDS__MIN_CLINICS": "3",
+        "DERMAFED__PLAN__LEARNING_RATE": "0.5",
+        "DERMAFED__LOGGING__JSON": "true",
+    }
     cfg = load_aggregator_config(write(tmp_path, GOOD + "max_cohort = 9\n"), env=env)
     assert cfg.rounds.min_clinics == 3 and cfg.plan.learning_rate == 0.5 and cfg.logging.json
 
@@ -73,5 +76,4 @@ def test_invalid_toml_and_missing_file_are_clear(tmp_path):
 
 def test_bad_environment_override_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"^rounds\.max_rounds"):
-        load_aggregator_config(write(tmp_path, GOOD),
-                               env={"DERMAFED__ROUNDS__MAX_ROUNDS": "lots"})
+        load_aggregator_config(write(tmp_path, GOOD), env={"DERMAFED__ROUNDS__MAX_ROUNDS": "lots"})

@@ -9,12 +9,12 @@ import time
 import grpc
 import numpy as np
 import pytest
+from federation_harness import CLINICS, Federation
 
 from common.pki import revoke
 from common.tensors import encode_f32le
 from common.tls import channel_credentials, secure_channel
 from dermafed.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
-from federation_harness import CLINICS, Federation, federation  # noqa: F401 (fixture)
 
 
 def test_three_clinics_train_over_mtls_and_every_checkpoint_is_on_disk(federation: Federation):
@@ -42,8 +42,9 @@ def test_three_clinics_train_over_mtls_and_every_checkpoint_is_on_disk(federatio
     # The agents really trained on their shard and report it.
     for name in CLINICS:
         registry = federation.agents[name].registry
-        assert registry.get_sample_value("dermafed_agent_rounds_total",
-                                         {"result": "contributed"}) >= 2
+        assert (
+            registry.get_sample_value("dermafed_agent_rounds_total", {"result": "contributed"}) >= 2
+        )
         assert registry.get_sample_value("dermafed_agent_local_examples") > 0
     reg = service.registry
     assert reg.get_sample_value("dermafed_rounds_total", {"outcome": "published"}) >= 2
@@ -53,8 +54,11 @@ def test_three_clinics_train_over_mtls_and_every_checkpoint_is_on_disk(federatio
 def test_a_vanished_agent_is_dropped_and_the_round_completes_with_the_rest(federation):
     from aggregator.config import RoundsSection
 
-    cfg = federation.aggregator_config(rounds=RoundsSection(
-        min_clinics=2, start_when_connected=3, train_deadline_s=8.0, max_rounds=1))
+    cfg = federation.aggregator_config(
+        rounds=RoundsSection(
+            min_clinics=2, start_when_connected=3, train_deadline_s=8.0, max_rounds=1
+        )
+    )
     service = federation.start_aggregator(cfg)
     for name in CLINICS:
         federation.start_agent(name)
@@ -75,8 +79,11 @@ def test_a_vanished_agent_is_dropped_and_the_round_completes_with_the_rest(feder
 def test_round_below_the_minimum_aborts_and_the_next_starts_from_the_last_published(federation):
     from aggregator.config import RoundsSection
 
-    cfg = federation.aggregator_config(rounds=RoundsSection(
-        min_clinics=3, start_when_connected=3, train_deadline_s=4.0, connected_timeout_s=2.0))
+    cfg = federation.aggregator_config(
+        rounds=RoundsSection(
+            min_clinics=3, start_when_connected=3, train_deadline_s=4.0, connected_timeout_s=2.0
+        )
+    )
     service = federation.start_aggregator(cfg)
     initial, _ = service.coordinator.published
     channels = _raw_clinics(federation, CLINICS)
@@ -116,9 +123,15 @@ def _header(coord, round_number, **changes):
     specs = list(coord.specs)
     total = sum(s.numel for s in specs) * 4
     header = federation_pb2.UpdateHeader(
-        round=round_number, encoding="f32le", total_bytes=total, weight=10.0, train_loss=1.0,
-        tensors=[federation_pb2.TensorSpec(name=s.name, shape=list(s.shape), dtype=s.dtype)
-                 for s in specs],
+        round=round_number,
+        encoding="f32le",
+        total_bytes=total,
+        weight=10.0,
+        train_loss=1.0,
+        tensors=[
+            federation_pb2.TensorSpec(name=s.name, shape=list(s.shape), dtype=s.dtype)
+            for s in specs
+        ],
     )
     for key, value in changes.items():
         setattr(header, key, value)
@@ -129,7 +142,8 @@ def _upload(stub, header, payload: bytes, chunk: int = 1 << 20):
     def gen():
         yield federation_pb2.UpdateChunk(header=header)
         for i in range(0, len(payload), chunk):
-            yield federation_pb2.UpdateChunk(data=payload[i:i + chunk])
+            yield federation_pb2.UpdateChunk(data=payload[i : i + chunk])
+
     return stub.UploadUpdate(gen(), timeout=10)
 
 
@@ -137,8 +151,9 @@ def _upload(stub, header, payload: bytes, chunk: int = 1 << 20):
 def open_round(federation):
     from aggregator.config import RoundsSection
 
-    cfg = federation.aggregator_config(rounds=RoundsSection(
-        min_clinics=2, start_when_connected=2, train_deadline_s=120.0))
+    cfg = federation.aggregator_config(
+        rounds=RoundsSection(min_clinics=2, start_when_connected=2, train_deadline_s=120.0)
+    )
     service = federation.start_aggregator(cfg)
     stubs = _raw_clinics(federation, ("clinic-a", "clinic-b"))
     for stub in stubs.values():
@@ -185,16 +200,27 @@ def test_malformed_uploads_get_the_right_status_and_leave_the_round_unchanged(op
         ("Inf", _header(coord, 1), encode_f32le(inf), grpc.StatusCode.INVALID_ARGUMENT),
         ("short payload", _header(coord, 1), good[:-4], grpc.StatusCode.INVALID_ARGUMENT),
         ("long payload", _header(coord, 1), good + b"\0" * 4, grpc.StatusCode.INVALID_ARGUMENT),
-        ("over the size limit", _header(coord, 1, total_bytes=10**12), good,
-         grpc.StatusCode.RESOURCE_EXHAUSTED),
-        ("negative weight", _header(coord, 1, weight=-1.0), good,
-         grpc.StatusCode.INVALID_ARGUMENT),
-        ("NaN weight", _header(coord, 1, weight=float("nan")), good,
-         grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "over the size limit",
+            _header(coord, 1, total_bytes=10**12),
+            good,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+        ("negative weight", _header(coord, 1, weight=-1.0), good, grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "NaN weight",
+            _header(coord, 1, weight=float("nan")),
+            good,
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         ("stale round", _header(coord, 0), good, grpc.StatusCode.FAILED_PRECONDITION),
         ("future round", _header(coord, 7), good, grpc.StatusCode.FAILED_PRECONDITION),
-        ("wrong encoding", _header(coord, 1, encoding="pickle"), good,
-         grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "wrong encoding",
+            _header(coord, 1, encoding="pickle"),
+            good,
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     ]
     for label, header, payload, expected in cases:
         got = _code(lambda h=header, p=payload: _upload(stub, h, p))
@@ -202,8 +228,9 @@ def test_malformed_uploads_get_the_right_status_and_leave_the_round_unchanged(op
         assert _responded(service) == set(), f"{label} changed the round state"
 
     # A stream that does not start with a header.
-    got = _code(lambda: stub.UploadUpdate(iter([federation_pb2.UpdateChunk(data=b"x")]),
-                                          timeout=10))
+    got = _code(
+        lambda: stub.UploadUpdate(iter([federation_pb2.UpdateChunk(data=b"x")]), timeout=10)
+    )
     assert got == grpc.StatusCode.INVALID_ARGUMENT
 
     # The good upload is accepted once; the same clinic again is ALREADY_EXISTS.
@@ -229,8 +256,16 @@ def test_plain_fedavg_is_weighted_by_sample_count(open_round):
     coord = service.coordinator
     numel = sum(s.numel for s in coord.specs)
     before = coord.published_state()
-    _upload(stubs["clinic-a"], _header(coord, 1, weight=30.0), encode_f32le(np.full(numel, 1.0, np.float32)))
-    _upload(stubs["clinic-b"], _header(coord, 1, weight=10.0), encode_f32le(np.full(numel, -1.0, np.float32)))
+    _upload(
+        stubs["clinic-a"],
+        _header(coord, 1, weight=30.0),
+        encode_f32le(np.full(numel, 1.0, np.float32)),
+    )
+    _upload(
+        stubs["clinic-b"],
+        _header(coord, 1, weight=10.0),
+        encode_f32le(np.full(numel, -1.0, np.float32)),
+    )
     assert coord.wait_until(lambda: coord.published[1] == 1, 60)
     after = coord.published_state()
     for name in before:
@@ -250,26 +285,46 @@ def test_identity_checks_on_the_real_service(federation):
         channel = secure_channel(target, channel_credentials(ca, cert, key))
         try:
             federation_pb2_grpc.FederationStub(channel).Poll(
-                federation_pb2.PollRequest(wait_ms=0), timeout=5)
+                federation_pb2.PollRequest(wait_ms=0), timeout=5
+            )
         finally:
             channel.close()
 
     poll_as(*pki.clinics["clinic-a"])  # works
     # No TLS at all, and TLS without a client certificate: refused at the handshake.
     plain = grpc.insecure_channel(target)
-    assert _code(lambda: federation_pb2_grpc.FederationStub(plain).Poll(
-        federation_pb2.PollRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    assert (
+        _code(
+            lambda: federation_pb2_grpc.FederationStub(plain).Poll(
+                federation_pb2.PollRequest(), timeout=5
+            )
+        )
+        == grpc.StatusCode.UNAVAILABLE
+    )
     no_cert = grpc.secure_channel(target, grpc.ssl_channel_credentials(pki.ca_cert.read_bytes()))
-    assert _code(lambda: federation_pb2_grpc.FederationStub(no_cert).Poll(
-        federation_pb2.PollRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    assert (
+        _code(
+            lambda: federation_pb2_grpc.FederationStub(no_cert).Poll(
+                federation_pb2.PollRequest(), timeout=5
+            )
+        )
+        == grpc.StatusCode.UNAVAILABLE
+    )
     # A certificate from another CA, and an expired one.
     assert _code(lambda: poll_as(*pki.foreign_clinic)) == grpc.StatusCode.UNAVAILABLE
     assert _code(lambda: poll_as(*pki.expired_clinic)) == grpc.StatusCode.UNAVAILABLE
     # A clinic calling an admin method; an admin calling a clinic method.
-    clinic_channel = secure_channel(target, channel_credentials(pki.ca_cert,
-                                                                *pki.clinics["clinic-b"]))
-    assert _code(lambda: admin_pb2_grpc.AdminStub(clinic_channel).GetStatus(
-        admin_pb2.GetStatusRequest(), timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
+    clinic_channel = secure_channel(
+        target, channel_credentials(pki.ca_cert, *pki.clinics["clinic-b"])
+    )
+    assert (
+        _code(
+            lambda: admin_pb2_grpc.AdminStub(clinic_channel).GetStatus(
+                admin_pb2.GetStatusRequest(), timeout=5
+            )
+        )
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
     assert _code(lambda: poll_as(*pki.admins["alice"])) == grpc.StatusCode.PERMISSION_DENIED
     # Revocation takes effect without a restart, even on an open connection.
     stub = federation_pb2_grpc.FederationStub(clinic_channel)
@@ -286,8 +341,12 @@ def test_identity_checks_on_the_real_service(federation):
             got = exc.code()
     assert got == grpc.StatusCode.UNAUTHENTICATED
     poll_as(*pki.clinics["clinic-a"])  # others unaffected
-    assert service.registry.get_sample_value(
-        "dermafed_rejected_requests_total", {"method": "Poll", "code": "UNAUTHENTICATED"}) >= 1
+    assert (
+        service.registry.get_sample_value(
+            "dermafed_rejected_requests_total", {"method": "Poll", "code": "UNAUTHENTICATED"}
+        )
+        >= 1
+    )
 
 
 def test_download_refuses_unknown_and_malformed_checkpoint_ids(federation):
@@ -296,8 +355,12 @@ def test_download_refuses_unknown_and_malformed_checkpoint_ids(federation):
     published, _ = service.coordinator.published
 
     def download(cid):
-        return b"".join(c.data for c in stub.DownloadCheckpoint(
-            federation_pb2.DownloadCheckpointRequest(checkpoint=cid), timeout=10))
+        return b"".join(
+            c.data
+            for c in stub.DownloadCheckpoint(
+                federation_pb2.DownloadCheckpointRequest(checkpoint=cid), timeout=10
+            )
+        )
 
     assert hashlib.sha256(download(published)).hexdigest() == published
     assert _code(lambda: download("0" * 64)) == grpc.StatusCode.NOT_FOUND
@@ -313,7 +376,7 @@ def test_agent_picks_up_new_cases_between_rounds_without_restart(federation, tmp
 
     records = load_records(federation.shards["clinic-a"])
     folder = tmp_path / "clinic-a-images"
-    first, later = records[: len(records) // 2], records[len(records) // 2:]
+    first, later = records[: len(records) // 2], records[len(records) // 2 :]
 
     def add(batch):
         for rec in batch:
@@ -321,11 +384,13 @@ def test_agent_picks_up_new_cases_between_rounds_without_restart(federation, tmp
             shutil.copy(rec.path, folder / rec.dx / f"{rec.lesion_id}__{rec.image_id}.jpg")
 
     add(first)
-    cfg = federation.aggregator_config(rounds=RoundsSection(
-        min_clinics=1, start_when_connected=1, train_deadline_s=60.0))
+    cfg = federation.aggregator_config(
+        rounds=RoundsSection(min_clinics=1, start_when_connected=1, train_deadline_s=60.0)
+    )
     service = federation.start_aggregator(cfg)
-    agent = federation.start_agent("clinic-a", federation.clinic_config(
-        "clinic-a", data=DataSection(folder)))
+    agent = federation.start_agent(
+        "clinic-a", federation.clinic_config("clinic-a", data=DataSection(folder))
+    )
     federation.wait_rounds(1)
     assert agent.registry.get_sample_value("dermafed_agent_local_examples") == len(first)
     add(later)  # new cases arrive while the agent runs

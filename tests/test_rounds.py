@@ -18,8 +18,15 @@ SECURE_STAGES = ("advertise", "share_keys", "masked_input", "consistency", "unma
 
 
 def make_round(cohort=("a", "b", "c"), min_clinics=2, stages=("train",), timeout=10.0, now=0.0):
-    return Round.start(number=1, parent="p" * 64, cohort=list(cohort), min_clinics=min_clinics,
-                       stages=stages, stage_timeouts={s: timeout for s in stages}, now=now)
+    return Round.start(
+        number=1,
+        parent="p" * 64,
+        cohort=list(cohort),
+        min_clinics=min_clinics,
+        stages=stages,
+        stage_timeouts={s: timeout for s in stages},
+        now=now,
+    )
 
 
 def test_round_completes_when_every_clinic_answers_before_the_deadline():
@@ -108,11 +115,25 @@ def test_start_refuses_a_cohort_below_the_minimum_and_bad_plans():
     with pytest.raises(PreconditionError):
         make_round(cohort=("a",), min_clinics=2)
     with pytest.raises(ValueError):
-        Round.start(number=1, parent="p", cohort=["a", "a"], min_clinics=1, stages=("t",),
-                    stage_timeouts={"t": 1.0}, now=0)
+        Round.start(
+            number=1,
+            parent="p",
+            cohort=["a", "a"],
+            min_clinics=1,
+            stages=("t",),
+            stage_timeouts={"t": 1.0},
+            now=0,
+        )
     with pytest.raises(ValueError):
-        Round.start(number=1, parent="p", cohort=["a"], min_clinics=1, stages=("t",),
-                    stage_timeouts={}, now=0)
+        Round.start(
+            number=1,
+            parent="p",
+            cohort=["a"],
+            min_clinics=1,
+            stages=("t",),
+            stage_timeouts={},
+            now=0,
+        )
 
 
 def test_abort_is_final():
@@ -132,8 +153,15 @@ def test_cohort_selection_is_bounded_and_seeded():
 
 
 def test_scheduling_rule():
-    base = dict(now=100.0, connected=3, needed=3, rounds_finished=0, max_rounds=2,
-                last_finished_at=None, interval_s=60.0)
+    base = dict(
+        now=100.0,
+        connected=3,
+        needed=3,
+        rounds_finished=0,
+        max_rounds=2,
+        last_finished_at=None,
+        interval_s=60.0,
+    )
     assert should_start_round(**base)
     assert not should_start_round(**{**base, "connected": 2})
     assert not should_start_round(**{**base, "last_finished_at": 50.0})
