@@ -487,6 +487,6 @@ def test_channel_options_merge_over_defaults() -> None:
     server = dict(SERVER_GRPC_OPTIONS)
     # The server must tolerate the client's keepalive pings.
     assert (
-        server["grpc.http2.min_recv_ping_interval_without_data_ms"]
+        server["grpc.http2.min_ping_interval_without_data_ms"]
         <= dict(GRPC_OPTIONS)["grpc.keepalive_time_ms"]
     )
