@@ -10,6 +10,7 @@ held-out set, publish it, and record everything in the ledger.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -123,7 +124,8 @@ class RunningRound:
     state: Round
     plan: RoundPlan
     strategy: PlainFedAvg
-    train_losses: dict[str, float] = field(default_factory=dict)
+    # Local training time each clinic reports, to split round time into training vs protocol.
+    train_seconds: dict[str, float] = field(default_factory=dict)
     finalizing: bool = False
 
 
@@ -336,8 +338,8 @@ class Coordinator:
             running.state.check_can_respond(clinic, header.round, TRAIN_STAGE, self._clock())
             running.strategy.add(clinic, vector, header.weight, header.train_loss)
             running.state.respond(clinic, header.round, TRAIN_STAGE, self._clock())
-            if header.train_loss is not None:
-                running.train_losses[clinic] = header.train_loss
+            if math.isfinite(header.train_seconds) and header.train_seconds >= 0:
+                running.train_seconds[clinic] = header.train_seconds
             self.metrics.received_bytes.labels(kind="update").inc(len(payload))
             self.ledger.record_clinic_event(
                 header.round, clinic, "contributed", f"{len(payload)} bytes", self._clock()
@@ -552,6 +554,11 @@ class Coordinator:
             return
         with self._cond:
             now = self._clock()
+            if running.train_seconds:
+                # The slowest contributor bounds the round; the rest of the time is protocol.
+                self.ledger.record_stage(
+                    st.number, "local_training", max(running.train_seconds.values())
+                )
             self.ledger.record_stage(st.number, "aggregate", aggregate_seconds)
             self.metrics.stage_duration.labels(stage="aggregate").observe(aggregate_seconds)
             if self.evaluator is not None:

@@ -9,7 +9,6 @@ in the work dir for inspection.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import signal
 import subprocess
@@ -414,10 +413,8 @@ def _follow_rounds(
     ordered = [rows[k] for k in sorted(rows)]
     out("")
     total = sum(r.seconds for r in ordered)
-    train = sum(r.stage_seconds.get("train", 0.0) for r in ordered)
-    with contextlib.suppress(ZeroDivisionError):
-        out(
-            f"wall time {total:.1f}s in rounds: {train:.1f}s waiting for local training, "
-            f"{total - train:.1f}s aggregation, validation and publishing"
-        )
+    train = sum(r.stage_seconds.get("local_training", 0.0) for r in ordered)
+    if total > 0:
+        out(f"wall time {total:.1f}s in rounds: {train:.1f}s local training (slowest clinic per "
+            f"round), {total - train:.1f}s protocol, aggregation, validation and publishing")
     return ordered
