@@ -27,6 +27,9 @@ from common.model import ModelConfig, build_model, initial_state, to_input
 
 TINY = ModelConfig(input_size=16, width=8, dropout=0.0)
 
+# torch warns on every backward through Opacus's hooks when the input needs no gradient.
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
 
 def _data(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic tensors (not patient data): class-dependent brightness plus noise."""
@@ -95,6 +98,24 @@ def test_every_per_example_gradient_is_clipped_to_max_grad_norm() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
     for g in clipped:
         assert g.norm().item() <= clip * (1 + 1e-6)
+
+
+def test_channels_last_input_gives_the_same_per_example_gradients() -> None:
+    """Regression: Opacus 1.6's unfold2d misreads channels_last tensors (to_input's layout)."""
+    torch.manual_seed(2)
+    images, labels = _data(5, seed=2)
+    x = to_input(images)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    norms = []
+    for batch in (x, x.contiguous()):
+        model = build_model(TINY)
+        model.load_state_dict(initial_state(TINY, 3))
+        gsm, opt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=5,
+                                generator=torch.Generator())
+        per_example_loss_fn(None)(gsm(batch), torch.from_numpy(labels)).backward()
+        norms.append(torch.cat([p.grad_sample.reshape(5, -1) for p in opt.params], 1))
+    torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=1e-7)
 
 
 def test_a_single_example_moves_the_gradient_by_at_most_max_grad_norm() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clinic_agent.privacy import MechanismStep, epsilon_for
+from clinic_agent.privacy import MechanismStep, PrivacyConfig, epsilon_for, plan_round
 from clinic_agent.privacy_ledger import LedgerEntry, PrivacyLedger, PrivacyLedgerError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,6 +149,22 @@ def test_corruption_is_also_caught_by_an_open_ledger(path: Path) -> None:
         ledger.entries()
     with pytest.raises(PrivacyLedgerError):
         ledger.commit(_entry(1))
+
+
+def test_budget_is_enforced_across_restarts(path: Path) -> None:
+    """The agent's flow: plan, charge (write-ahead), train; a restart forgets nothing."""
+    cfg = PrivacyConfig(epsilon_max=0.6, noise_multiplier=2.0)
+    ledger = PrivacyLedger(path)
+    first = plan_round(cfg, ledger.entries(), n_examples=1000, batch_size=50, epochs=1)
+    assert first.accepted
+    ledger.commit(LedgerEntry.from_decision(first, round=1, round_id="r-1", federation="f"))
+
+    restarted = PrivacyLedger(path, create=False)
+    assert restarted.spent_epsilon() == pytest.approx(first.epsilon_after)
+    second = plan_round(cfg, restarted.entries(), n_examples=1000, batch_size=50, epochs=1)
+    assert not second.accepted and second.reason == "privacy_budget_exhausted"
+    with pytest.raises(ValueError, match="only an accepted decision"):
+        LedgerEntry.from_decision(second, round=2, round_id="r-2", federation="f")
 
 
 def test_invalid_entries_are_refused() -> None:
