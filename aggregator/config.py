@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aggregator.gate import GateSettings
 from common.config import LoggingSection, MetricsSection, load_config, parse_hostport, require
+from common.datasets import CLASSES
 from common.model import ModelConfig
 
 AGGREGATION_MODES = ("plain", "secure")
@@ -140,10 +142,27 @@ class ValidationSection:
     # Held-out data (HAM10000 layout, class folders or an index CSV); empty = no evaluation.
     holdout: Path | None = None
     max_examples: int = 0
+    # The gate: reject a candidate whose sensitivity on a high-risk class drops by more
+    # than `tolerance` below the published checkpoint's, or whose balanced accuracy is
+    # below `min_balanced_accuracy`; the published checkpoint then stays.
+    gate: bool = True
+    high_risk: list[str] = field(default_factory=lambda: ["mel", "bcc", "akiec"])
+    tolerance: float = 0.05
+    min_balanced_accuracy: float = 0.0
 
     def validate(self) -> None:
         if self.holdout is not None and str(self.holdout):
             require(self.holdout.exists(), "validation.holdout", f"{self.holdout} does not exist")
+        unknown = sorted(set(self.high_risk) - set(CLASSES))
+        require(not unknown, "validation.high_risk", f"unknown class code(s) {unknown}")
+        require(0.0 <= self.tolerance <= 1.0, "validation.tolerance", "must be in [0, 1]")
+        require(0.0 <= self.min_balanced_accuracy <= 1.0, "validation.min_balanced_accuracy",
+                "must be in [0, 1]")
+
+    def gate_settings(self) -> GateSettings:
+        return GateSettings(enabled=self.gate, high_risk=tuple(self.high_risk),
+                            tolerance=self.tolerance,
+                            min_balanced_accuracy=self.min_balanced_accuracy)
 
 
 @dataclass(frozen=True)

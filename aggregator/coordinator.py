@@ -9,6 +9,7 @@ held-out set, publish it, and record everything in the ledger.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from aggregator.checkpoints import CheckpointStore
 from aggregator.config import AggregatorConfig
 from aggregator.fedavg import PlainFedAvg, check_weight
+from aggregator.gate import decide
 from aggregator.ledger import Ledger, RoundRecord
 from aggregator.metrics import AggregatorMetrics
 from aggregator.rounds import Phase, Round, select_cohort, should_start_round
@@ -150,6 +152,31 @@ class RoundView:
 
 
 @dataclass(frozen=True)
+class CheckpointView:
+    id: str
+    round: int
+    parent: str
+    created_at: float
+    metrics: dict[str, object] | None
+    published: bool
+    was_published: bool
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ClinicView:
+    clinic: str
+    connected: bool
+    last_seen: float
+    rounds_contributed: int
+    declines: int
+    dropouts: int
+    last_decline_reason: str
+    epsilon_spent: float | None
+    epsilon_remaining: float | None
+
+
+@dataclass(frozen=True)
 class StatusView:
     federation: str
     published_checkpoint: str
@@ -209,7 +236,10 @@ class Coordinator:
         self._rounds_finished = 0
         self.model_config: ModelConfig = config.model.to_model_config()
         self._published: tuple[str, int] = ("", 0)
+        # Held-out metrics of the published checkpoint: what the gate compares against.
+        self._published_metrics: dict[str, object] | None = None
         self._specs: tuple[TensorSpec, ...] = ()
+        self.gate = config.validation.gate_settings()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -245,15 +275,28 @@ class Coordinator:
         self.metrics.round_number.set(last[0].number if last else 0)
         self.metrics.published_round.set(self._published[1])
         self.metrics.published_timestamp.set(now)
-        rec = self.ledger.round(self._published[1]) if self._published[1] else None
-        if rec is not None and rec.metrics:
-            self.metrics.set_validation(rec.metrics)
+        self._published_metrics = self._metrics_of(cid, state)
+        if self._published_metrics:
+            self.metrics.set_validation(self._published_metrics)
         log.info(
             "resumed: published checkpoint %s (round %d), next round %d",
             cid[:12],
             self._published[1],
             self.ledger.next_round_number(),
         )
+
+    def _metrics_of(self, cid: str, state: dict | None = None) -> dict[str, object] | None:
+        """Held-out metrics of a stored checkpoint, evaluating (and recording) if missing."""
+        rec = self.ledger.checkpoint(cid)
+        if rec is not None and rec.metrics:
+            return dict(rec.metrics)
+        if self.evaluator is None:
+            return None
+        if state is None:
+            state, _ = self.store.load(cid)
+        metrics = self.evaluator.evaluate(state).to_dict()
+        self.ledger.set_checkpoint_metrics(cid, metrics)
+        return metrics
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="rounds", daemon=True)
@@ -367,12 +410,176 @@ class Coordinator:
 
     # -- admin-facing operations ---------------------------------------------------------
 
-    def request_round(self) -> None:
+    def request_round(self, actor: str = "") -> None:
+        """Start a round at the next tick (even past max_rounds or before interval_s)."""
         with self._cond:
             if self._running is not None:
                 raise PreconditionError(f"round {self._running.state.number} is running")
+            if self._round_requested:
+                return  # already asked; idempotent
             self._round_requested = True
+            self.ledger.audit(actor, "trigger_round", {}, self._clock())
             self._cond.notify_all()
+
+    def abort_round(self, number: int, reason: str, actor: str = "") -> None:
+        with self._cond:
+            running = self._running
+            if running is None:
+                raise PreconditionError("no round is running")
+            if number != running.state.number:
+                raise PreconditionError(
+                    f"round {number} is not the running round {running.state.number}"
+                )
+            if running.finalizing:
+                raise PreconditionError(f"round {number} is already being aggregated and validated")
+            why = f"aborted by {actor}: {reason}" if reason else f"aborted by {actor}"
+            running.state.abort(why)
+            self.ledger.audit(
+                actor, "abort_round", {"round": number, "reason": reason}, self._clock()
+            )
+            self._settle_locked(self._clock())
+
+    def rollback(
+        self,
+        *,
+        round_number: int | None = None,
+        checkpoint: str | None = None,
+        reason: str = "",
+        actor: str = "",
+    ) -> tuple[str, int, bool]:
+        """Publish an earlier published checkpoint again; returns (id, round, changed)."""
+        if (round_number is None) == (checkpoint is None):
+            raise InvalidUpdateError("name exactly one rollback target: a round or a checkpoint")
+        if round_number is not None:
+            if round_number < 0:
+                raise InvalidUpdateError("round numbers are not negative")
+            if round_number == 0:
+                pubs = [p for p in self.ledger.publications() if p.kind == "initial"]
+                if not pubs:
+                    raise NotFoundError("the ledger has no initial checkpoint")
+                target, target_round = pubs[0].checkpoint, 0
+            else:
+                rec = self.ledger.round(round_number)
+                if rec is None:
+                    raise NotFoundError(f"round {round_number} is not in the ledger")
+                if rec.outcome != "published" or not rec.checkpoint:
+                    raise InvalidUpdateError(
+                        f"round {round_number} did not publish a checkpoint "
+                        f"(outcome: {rec.outcome or 'running'})"
+                    )
+                target, target_round = rec.checkpoint, round_number
+        else:
+            target = str(checkpoint)
+            if len(target) != 64 or any(c not in "0123456789abcdef" for c in target):
+                raise InvalidUpdateError("checkpoint id must be 64 lowercase hex characters")
+            crec = self.ledger.checkpoint(target)
+            if crec is None:
+                raise NotFoundError(f"checkpoint {target[:16]} is not in the ledger")
+            if not any(p.checkpoint == target for p in self.ledger.publications()):
+                raise InvalidUpdateError(
+                    f"checkpoint {target[:16]} was never published (a rejected or aborted "
+                    "candidate cannot be rolled back to)"
+                )
+            target_round = int(crec.round or 0)
+        with self._cond:
+            if self._running is not None:
+                raise PreconditionError(
+                    f"round {self._running.state.number} is running; abort it before rolling back"
+                )
+            if target == self._published[0]:
+                return target, self._published[1], False
+            state, _ = self.store.load(target)  # the file must still be intact
+            now = self._clock()
+            with self.ledger.atomic():
+                self.ledger.publish(target, target_round, now, "rollback", reason)
+                self.ledger.audit(
+                    actor,
+                    "rollback",
+                    {"checkpoint": target, "round": target_round, "reason": reason},
+                    now,
+                )
+            self._published = (target, target_round)
+            self._published_metrics = self._metrics_of(target, state)
+            self.metrics.rollbacks.labels(kind="admin").inc()
+            self.metrics.published_round.set(target_round)
+            self.metrics.published_timestamp.set(now)
+            if self._published_metrics:
+                self.metrics.set_validation(self._published_metrics)
+            log.warning(
+                "rolled back to checkpoint %s (round %d) by %s", target[:12], target_round, actor
+            )
+            self._cond.notify_all()
+            return target, target_round, True
+
+    def list_rounds(self, limit: int, before: int | None) -> list[RoundView]:
+        views = []
+        with self._cond:
+            current = self._running_view_locked()
+        if current is not None and (before is None or current.round < before):
+            views.append(current)
+        for rec in self.ledger.rounds(limit=limit, before=before):
+            if rec.outcome is None:
+                continue  # the running one, shown above from memory
+            views.append(_view_of_record(rec))
+        return views[:limit]
+
+    def list_checkpoints(self, limit: int) -> list[CheckpointView]:
+        published_ids = {p.checkpoint for p in self.ledger.publications()}
+        out = []
+        for rec in self.ledger.checkpoints(limit=limit):
+            out.append(
+                CheckpointView(
+                    id=rec.id,
+                    round=int(rec.round or 0),
+                    parent=rec.parent or "",
+                    created_at=rec.created_at,
+                    metrics=rec.metrics,
+                    published=rec.id == self._published[0],
+                    was_published=rec.id in published_ids,
+                    bytes=self.store.size(rec.id) if self.store.exists(rec.id) else 0,
+                )
+            )
+        return out
+
+    def list_clinics(self) -> list[ClinicView]:
+        """Every clinic the ledger or this process knows, with its participation."""
+        now = self._clock()
+        counts: dict[str, dict[str, int]] = {}
+        last_decline: dict[str, str] = {}
+        epsilon: dict[str, tuple[float | None, float | None]] = {}
+        for ev in self.ledger.clinic_events():
+            c = counts.setdefault(ev.clinic, {"contributed": 0, "declined": 0, "dropped": 0})
+            if ev.event in c:
+                c[ev.event] += 1
+            if ev.event == "declined":
+                last_decline[ev.clinic] = (ev.detail or "").split(":", 1)[0]
+            if ev.event == "privacy" and ev.detail:
+                report = json.loads(ev.detail)
+                epsilon[ev.clinic] = (report.get("epsilon_spent"), report.get("epsilon_remaining"))
+        with self._cond:
+            seen = {c: i.last_seen for c, i in self._clinics.items()}
+            connected = set(self._connected_locked(now))
+        views = []
+        for clinic in sorted(set(counts) | set(seen)):
+            c = counts.get(clinic, {})
+            spent, remaining = epsilon.get(clinic, (None, None))
+            views.append(
+                ClinicView(
+                    clinic=clinic,
+                    connected=clinic in connected,
+                    last_seen=seen.get(clinic, 0.0),
+                    rounds_contributed=c.get("contributed", 0),
+                    declines=c.get("declined", 0),
+                    dropouts=c.get("dropped", 0),
+                    last_decline_reason=last_decline.get(clinic, ""),
+                    epsilon_spent=spent,
+                    epsilon_remaining=remaining,
+                )
+            )
+        return views
+
+    def audit(self, actor: str, action: str, detail: dict[str, object]) -> None:
+        self.ledger.audit(actor, action, detail, self._clock())
 
     def status(self) -> StatusView:
         with self._cond:
@@ -539,12 +746,18 @@ class Coordinator:
             new_state = {k: parent_state[k] + delta[k] for k in parent_state}
             cid = self.store.put_state(new_state, self._checkpoint_metadata(st.number, st.parent))
             aggregate_seconds = self._clock() - started
-            metrics = None
+            metrics: dict[str, object] | None = None
             eval_seconds = 0.0
             if self.evaluator is not None:
                 t0 = self._clock()
                 metrics = self.evaluator.evaluate(new_state).to_dict()
                 eval_seconds = self._clock() - t0
+            decision = decide(
+                metrics,
+                self._published_metrics,
+                self.gate,
+                published_is_initial=self._published[1] == 0,
+            )
         except Exception as exc:  # a failed finalisation must abort, never half-publish
             log.exception("round %d: finalisation failed", st.number)
             with self._cond:
@@ -565,15 +778,31 @@ class Coordinator:
                 self.ledger.record_stage(st.number, "validate", eval_seconds)
                 self.metrics.stage_duration.labels(stage="validate").observe(eval_seconds)
             self.ledger.record_checkpoint(cid, st.number, st.parent, now, metrics)
+            recorded = dict(metrics or {})
+            if metrics is not None:
+                recorded["gate"] = {
+                    "verdict": decision.verdict,
+                    "reason": decision.reason,
+                    "checks": decision.checks,
+                }
+            if not decision.accept:
+                self.metrics.rollbacks.labels(kind="automatic").inc()
+                log.warning(
+                    "round %d: candidate %s rejected by the validation gate: %s",
+                    st.number,
+                    cid[:12],
+                    decision.reason,
+                )
             self._finish_locked(
                 running,
-                "published",
-                "",
+                "published" if decision.accept else "rejected",
+                "" if decision.accept else decision.reason,
                 now,
                 checkpoint=cid,
                 contributors=result.contributors,
                 train_loss=result.mean_loss,
-                metrics=metrics,
+                metrics=recorded or None,
+                candidate_metrics=metrics,
             )
 
     def _finish_locked(
@@ -587,6 +816,7 @@ class Coordinator:
         contributors: Sequence[str] = (),
         train_loss: float | None = None,
         metrics: dict[str, object] | None = None,
+        candidate_metrics: dict[str, object] | None = None,
     ) -> None:
         st = running.state
         if outcome == "published" and checkpoint is not None:
@@ -602,10 +832,11 @@ class Coordinator:
                 publish=True,
             )
             self._published = (checkpoint, st.number)
+            self._published_metrics = candidate_metrics
             self.metrics.published_round.set(st.number)
             self.metrics.published_timestamp.set(now)
-            if metrics:
-                self.metrics.set_validation(metrics)
+            if candidate_metrics:
+                self.metrics.set_validation(candidate_metrics)
             if train_loss is not None:
                 self.metrics.train_loss.set(train_loss)
             for clinic in contributors:
@@ -619,8 +850,17 @@ class Coordinator:
                 len(contributors),
             )
         else:
+            # A rejected candidate stays on disk (and in the ledger) for inspection, but the
+            # published pointer does not move.
             self.ledger.finish_round(
-                st.number, outcome, reason, now, contributors=list(contributors)
+                st.number,
+                outcome,
+                reason,
+                now,
+                checkpoint=checkpoint,
+                contributors=list(contributors),
+                train_loss=train_loss,
+                metrics=metrics,
             )
             log.warning("round %d %s: %s", st.number, outcome, reason)
         self.metrics.rounds.labels(outcome=outcome).inc()

@@ -495,6 +495,17 @@ class Ledger:
                 (cid, round, parent, when, metrics_json),
             )
 
+    def set_checkpoint_metrics(self, cid: str, metrics: dict[str, Any]) -> None:
+        """Attach held-out metrics to a recorded checkpoint that has none yet (e.g. the
+        initial model, evaluated when a held-out set is first configured)."""
+        metrics_json = _dumps(dict(metrics))
+        with self._transaction() as db:
+            self._require_checkpoint(db, cid)
+            db.execute(
+                "UPDATE checkpoints SET metrics_json = ? WHERE id = ? AND metrics_json IS NULL",
+                (metrics_json, cid),
+            )
+
     def checkpoint(self, cid: str) -> CheckpointRecord | None:
         with self._lock:
             row = (

@@ -92,7 +92,8 @@ def build_service(
     )
 
     ca_cert = load_certificate(config.tls.ca_cert)
-    auth = PeerAuthenticator(config.federation, RevocationList(config.tls.crl, ca_cert))
+    revocations = RevocationList(config.tls.crl, ca_cert)
+    auth = PeerAuthenticator(config.federation, revocations)
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=config.server.max_workers, thread_name_prefix="grpc"
@@ -116,7 +117,9 @@ def build_service(
         ),
         server,
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(coordinator, auth, metrics), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminServicer(coordinator, auth, metrics, revocations), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host, port = parse_hostport(config.server.listen, "server.listen")

@@ -7,8 +7,8 @@ No federation rule lives here; it all sits in :mod:`aggregator.coordinator` and
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from typing import NoReturn, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -25,7 +25,7 @@ from common.errors import (
     PreconditionError,
     StaleRoundError,
 )
-from common.identity import Identity, PeerAuthenticator
+from common.identity import Identity, PeerAuthenticator, RevocationList
 from common.tensors import TensorSpec
 from dermafed.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
 
@@ -255,6 +255,24 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
         return federation_pb2.DeclineReceipt(round=request.round)
 
 
+def metrics_to_proto(m: Mapping[str, Any] | None) -> admin_pb2.ValidationMetrics:
+    m = m or {}
+    msg = admin_pb2.ValidationMetrics(
+        accuracy=float(m.get("accuracy") or 0.0),
+        balanced_accuracy=float(m.get("balanced_accuracy") or 0.0),
+        macro_auroc=float(m.get("macro_auroc") or 0.0),
+        examples=int(m.get("examples") or 0),
+        expected_calibration_error=float(m.get("expected_calibration_error") or 0.0),
+    )
+    for field_name in ("sensitivity", "specificity"):
+        values = m.get(field_name)
+        if isinstance(values, Mapping):
+            getattr(msg, field_name).update(
+                {str(k): float(v) for k, v in values.items() if isinstance(v, int | float)}
+            )
+    return msg
+
+
 def round_to_proto(view: RoundView) -> admin_pb2.RoundSummary:
     msg = admin_pb2.RoundSummary(
         round=view.round,
@@ -271,21 +289,24 @@ def round_to_proto(view: RoundView) -> admin_pb2.RoundSummary:
         aggregation=view.aggregation,
     )
     msg.stage_seconds.update(view.stage_seconds)
-    m = view.metrics or {}
-    metrics = admin_pb2.ValidationMetrics(
-        accuracy=float(m.get("accuracy", 0.0) or 0.0),  # type: ignore[arg-type]
-        balanced_accuracy=float(m.get("balanced_accuracy", 0.0) or 0.0),  # type: ignore[arg-type]
-        macro_auroc=float(m.get("macro_auroc", 0.0) or 0.0),  # type: ignore[arg-type]
-        examples=int(m.get("examples", 0) or 0),  # type: ignore[call-overload]
-    )
-    sens = m.get("sensitivity")
-    if isinstance(sens, dict):
-        metrics.sensitivity.update({str(k): float(v) for k, v in sens.items()})
-    msg.metrics.CopyFrom(metrics)
+    msg.metrics.CopyFrom(metrics_to_proto(view.metrics))
+    gate = (view.metrics or {}).get("gate")
+    if isinstance(gate, Mapping):
+        msg.gate = str(gate.get("verdict", ""))
     return msg
 
 
 class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        auth: PeerAuthenticator,
+        metrics: AggregatorMetrics,
+        revocations: RevocationList,
+    ) -> None:
+        super().__init__(coordinator, auth, metrics)
+        self.revocations = revocations
+
     def GetStatus(
         self, request: admin_pb2.GetStatusRequest, context: grpc.ServicerContext
     ) -> admin_pb2.GetStatusResponse:
@@ -304,3 +325,122 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
         if st.last is not None:
             response.last_round.CopyFrom(round_to_proto(st.last))
         return response
+
+    def TriggerRound(
+        self, request: admin_pb2.TriggerRoundRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.TriggerRoundResponse:
+        who = self._identity(context, "TriggerRound", "admin")
+        self._call(context, "TriggerRound", lambda: self.coordinator.request_round(who.uri))
+        return admin_pb2.TriggerRoundResponse(
+            detail="round requested; it starts once enough clinics are connected"
+        )
+
+    def AbortRound(
+        self, request: admin_pb2.AbortRoundRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.AbortRoundResponse:
+        who = self._identity(context, "AbortRound", "admin")
+        if request.round == 0:
+            self._abort(
+                context,
+                "AbortRound",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "name the running round to abort (round must be >= 1)",
+            )
+        self._call(
+            context,
+            "AbortRound",
+            lambda: self.coordinator.abort_round(request.round, request.reason[:500], who.uri),
+        )
+        return admin_pb2.AbortRoundResponse(round=request.round)
+
+    def Rollback(
+        self, request: admin_pb2.RollbackRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.RollbackResponse:
+        who = self._identity(context, "Rollback", "admin")
+        which = request.WhichOneof("target")
+        if which is None:
+            self._abort(
+                context,
+                "Rollback",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "name a target round or checkpoint",
+            )
+        cid, rnd, changed = self._call(
+            context,
+            "Rollback",
+            lambda: self.coordinator.rollback(
+                round_number=request.round if which == "round" else None,
+                checkpoint=request.checkpoint if which == "checkpoint" else None,
+                reason=request.reason[:500],
+                actor=who.uri,
+            ),
+        )
+        return admin_pb2.RollbackResponse(checkpoint=cid, round=rnd, changed=changed)
+
+    def ListRounds(
+        self, request: admin_pb2.ListRoundsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListRoundsResponse:
+        self._identity(context, "ListRounds", "admin")
+        limit = min(request.limit or 50, 1000)
+        views = self._call(
+            context,
+            "ListRounds",
+            lambda: self.coordinator.list_rounds(limit, request.before or None),
+        )
+        return admin_pb2.ListRoundsResponse(rounds=[round_to_proto(v) for v in views])
+
+    def ListCheckpoints(
+        self, request: admin_pb2.ListCheckpointsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListCheckpointsResponse:
+        self._identity(context, "ListCheckpoints", "admin")
+        views = self._call(
+            context,
+            "ListCheckpoints",
+            lambda: self.coordinator.list_checkpoints(min(request.limit or 50, 1000)),
+        )
+        return admin_pb2.ListCheckpointsResponse(
+            checkpoints=[
+                admin_pb2.CheckpointInfo(
+                    id=v.id,
+                    round=v.round,
+                    parent=v.parent,
+                    created_at=v.created_at,
+                    metrics=metrics_to_proto(v.metrics),
+                    published=v.published,
+                    was_published=v.was_published,
+                    bytes=v.bytes,
+                )
+                for v in views
+            ]
+        )
+
+    def ListClinics(
+        self, request: admin_pb2.ListClinicsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListClinicsResponse:
+        self._identity(context, "ListClinics", "admin")
+        views = self._call(context, "ListClinics", self.coordinator.list_clinics)
+        out = admin_pb2.ListClinicsResponse()
+        for v in views:
+            info = out.clinics.add(
+                clinic=v.clinic,
+                connected=v.connected,
+                last_seen=v.last_seen,
+                rounds_contributed=v.rounds_contributed,
+                declines=v.declines,
+                dropouts=v.dropouts,
+                last_decline_reason=v.last_decline_reason,
+            )
+            if v.epsilon_spent is not None:
+                info.epsilon_spent = v.epsilon_spent
+            if v.epsilon_remaining is not None:
+                info.epsilon_remaining = v.epsilon_remaining
+        return out
+
+    def ReloadRevocations(
+        self, request: admin_pb2.ReloadRevocationsRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ReloadRevocationsResponse:
+        who = self._identity(context, "ReloadRevocations", "admin")
+        self.revocations.reload()
+        count = len(self.revocations.revoked)
+        self.coordinator.audit(who.uri, "reload_revocations", {"revoked": count})
+        return admin_pb2.ReloadRevocationsResponse(revoked=count)

@@ -59,5 +59,41 @@ class AdminClient:
     def status(self) -> admin_pb2.GetStatusResponse:
         return self.stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=self.timeout_s)
 
+    def trigger(self) -> admin_pb2.TriggerRoundResponse:
+        return self.stub.TriggerRound(admin_pb2.TriggerRoundRequest(), timeout=self.timeout_s)
+
+    def abort(self, round_number: int, reason: str = "") -> admin_pb2.AbortRoundResponse:
+        return self.stub.AbortRound(
+            admin_pb2.AbortRoundRequest(round=round_number, reason=reason), timeout=self.timeout_s
+        )
+
+    def rollback(
+        self, *, round_number: int | None = None, checkpoint: str | None = None, reason: str = ""
+    ) -> admin_pb2.RollbackResponse:
+        request = admin_pb2.RollbackRequest(reason=reason)
+        if round_number is not None:
+            request.round = round_number
+        if checkpoint is not None:
+            request.checkpoint = checkpoint
+        return self.stub.Rollback(request, timeout=self.timeout_s)
+
+    def rounds(self, limit: int = 50, before: int = 0) -> admin_pb2.ListRoundsResponse:
+        return self.stub.ListRounds(
+            admin_pb2.ListRoundsRequest(limit=limit, before=before), timeout=self.timeout_s
+        )
+
+    def checkpoints(self, limit: int = 50) -> admin_pb2.ListCheckpointsResponse:
+        return self.stub.ListCheckpoints(
+            admin_pb2.ListCheckpointsRequest(limit=limit), timeout=self.timeout_s
+        )
+
+    def clinics(self) -> admin_pb2.ListClinicsResponse:
+        return self.stub.ListClinics(admin_pb2.ListClinicsRequest(), timeout=self.timeout_s)
+
+    def reload_revocations(self) -> admin_pb2.ReloadRevocationsResponse:
+        return self.stub.ReloadRevocations(
+            admin_pb2.ReloadRevocationsRequest(), timeout=self.timeout_s
+        )
+
     def close(self) -> None:
         self.channel.close()

@@ -1,48 +1,248 @@
-"""``dermafed admin``: drive a running federation with an admin certificate."""
+"""``dermafed admin``: drive a running federation with an admin certificate.
+
+Human-readable tables by default, ``--json`` for scripts. Every action is authorised by
+the admin role in the certificate named in the admin config, and audited in the ledger.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from dermafed.admin_client import AdminClient, load_admin_config
+from dermafed.v1 import admin_pb2
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     admin = sub.add_parser("admin", help="operate a running aggregator (admin certificate)")
     admin.add_argument("--config", required=True, help="admin TOML file")
     admin.add_argument("--json", action="store_true", help="machine-readable output")
-    actions = admin.add_subparsers(dest="action", required=True)
-    status = actions.add_parser("status", help="federation and round status")
-    status.set_defaults(func=_status)
+    actions = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("status", help="federation and round status").set_defaults(
+        func=_run(_status)
+    )
+    rounds = actions.add_parser("rounds", help="recent rounds, newest first")
+    rounds.add_argument("--limit", type=int, default=20)
+    rounds.set_defaults(func=_run(_rounds))
+    ckpts = actions.add_parser("checkpoints", help="stored checkpoints")
+    ckpts.add_argument("--limit", type=int, default=20)
+    ckpts.set_defaults(func=_run(_checkpoints))
+    actions.add_parser("clinics", help="clinics and their participation").set_defaults(
+        func=_run(_clinics)
+    )
+    actions.add_parser("trigger", help="start a round now").set_defaults(func=_run(_trigger))
+    abort = actions.add_parser("abort", help="abort the running round")
+    abort.add_argument("round", type=int, help="the running round's number")
+    abort.add_argument("--reason", default="")
+    abort.set_defaults(func=_run(_abort))
+    rollback = actions.add_parser("rollback", help="publish an earlier checkpoint again")
+    target = rollback.add_mutually_exclusive_group(required=True)
+    target.add_argument("--round", type=int, help="roll back to the checkpoint of this round")
+    target.add_argument("--checkpoint", help="roll back to this checkpoint id")
+    rollback.add_argument("--reason", default="")
+    rollback.set_defaults(func=_run(_rollback))
+    actions.add_parser("reload-revocations", help="re-read the CRL now").set_defaults(
+        func=_run(_reload)
+    )
 
 
-def _status(args: argparse.Namespace) -> int:
-    config = load_admin_config(Path(args.config))
-    client = AdminClient(config)
-    try:
-        resp = client.status()
-    except grpc.RpcError as exc:
-        print(f"dermafed admin: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    finally:
-        client.close()
-    if args.json:
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+def _run(
+    action: Callable[[AdminClient, argparse.Namespace], Message | None],
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        client = AdminClient(load_admin_config(Path(args.config)))
+        try:
+            response = action(client, args)
+        except grpc.RpcError as exc:
+            print(f"dermafed admin: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        finally:
+            client.close()
+        if args.json and response is not None:
+            print(
+                json.dumps(
+                    MessageToDict(
+                        response,
+                        preserving_proto_field_name=True,
+                        always_print_fields_with_no_presence=True,
+                    ),
+                    indent=2,
+                    sort_keys=True,
+                )
+            )
+        elif response is not None:
+            _print_human(args.action, response)
         return 0
-    print(f"federation         {resp.federation}")
-    print(f"published round    {resp.published_round}  checkpoint {resp.published_checkpoint[:16]}")
-    print(f"rounds completed   {resp.rounds_completed}")
-    print(f"connected clinics  {', '.join(resp.connected_clinics) or '-'}")
-    if resp.HasField("current_round"):
-        cur = resp.current_round
-        print(f"running round      {cur.round} ({cur.state}), cohort {', '.join(cur.cohort)}")
-    if resp.HasField("last_round"):
-        last = resp.last_round
-        print(f"last round         {last.round}: {last.outcome} {last.reason}".rstrip())
-    return 0
+
+    return run
+
+
+def _status(c: AdminClient, a: argparse.Namespace) -> Message:
+    return c.status()
+
+
+def _rounds(c: AdminClient, a: argparse.Namespace) -> Message:
+    return c.rounds(limit=a.limit)
+
+
+def _checkpoints(c: AdminClient, a: argparse.Namespace) -> Message:
+    return c.checkpoints(limit=a.limit)
+
+
+def _clinics(c: AdminClient, a: argparse.Namespace) -> Message:
+    return c.clinics()
+
+
+def _trigger(c: AdminClient, a: argparse.Namespace) -> Message:
+    return c.trigger()
+
+
+def _abort(c: AdminClient, a: argparse.Namespace) -> Message:
+    return c.abort(a.round, a.reason)
+
+
+def _rollback(c: AdminClient, a: argparse.Namespace) -> Message:
+    return c.rollback(round_number=a.round, checkpoint=a.checkpoint, reason=a.reason)
+
+
+def _reload(c: AdminClient, a: argparse.Namespace) -> Message:
+    return c.reload_revocations()
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _num(value: float, spec: str = ".3f") -> str:
+    return format(value, spec)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _round_row(r: admin_pb2.RoundSummary) -> list[Any]:
+    m = r.metrics
+    seconds = (r.finished_at - r.started_at) if r.finished_at else 0.0
+    return [
+        r.round,
+        r.outcome or r.state,
+        r.gate or "-",
+        f"{len(r.contributors)}/{len(r.cohort)}",
+        _num(m.balanced_accuracy) if m.examples else "-",
+        _num(m.sensitivity["mel"]) if m.examples and "mel" in m.sensitivity else "-",
+        f"{seconds:.1f}",
+        r.checkpoint[:12] or "-",
+        r.reason[:60],
+    ]
+
+
+def _print_human(action: str, resp: Message) -> None:
+    if isinstance(resp, admin_pb2.GetStatusResponse):
+        print(f"federation         {resp.federation}")
+        print(
+            f"published          round {resp.published_round}, checkpoint "
+            f"{resp.published_checkpoint[:16]}"
+        )
+        print(
+            f"rounds finished    {resp.rounds_completed}"
+            + (f" of {resp.max_rounds}" if resp.max_rounds else "")
+        )
+        print(f"connected clinics  {', '.join(resp.connected_clinics) or '-'}")
+        if resp.HasField("current_round"):
+            cur = resp.current_round
+            print(
+                f"running            round {cur.round} in stage {cur.state}; cohort "
+                f"{', '.join(cur.cohort)}"
+            )
+        if resp.HasField("last_round"):
+            last = resp.last_round
+            print(
+                f"last round         {last.round}: {last.outcome}"
+                + (f" ({last.reason})" if last.reason else "")
+            )
+    elif isinstance(resp, admin_pb2.ListRoundsResponse):
+        _table(
+            [
+                "round",
+                "outcome",
+                "gate",
+                "clinics",
+                "bal.acc",
+                "mel",
+                "seconds",
+                "checkpoint",
+                "reason",
+            ],
+            [_round_row(r) for r in resp.rounds],
+        )
+    elif isinstance(resp, admin_pb2.ListCheckpointsResponse):
+        _table(
+            ["checkpoint", "round", "published", "bal.acc", "mel", "created"],
+            [
+                [
+                    c.id[:16],
+                    c.round,
+                    "yes (now)" if c.published else ("before" if c.was_published else "no"),
+                    _num(c.metrics.balanced_accuracy) if c.metrics.examples else "-",
+                    _num(c.metrics.sensitivity["mel"])
+                    if c.metrics.examples and "mel" in c.metrics.sensitivity
+                    else "-",
+                    _when(c.created_at),
+                ]
+                for c in resp.checkpoints
+            ],
+        )
+    elif isinstance(resp, admin_pb2.ListClinicsResponse):
+        _table(
+            [
+                "clinic",
+                "connected",
+                "last seen",
+                "rounds",
+                "declines",
+                "dropouts",
+                "epsilon spent",
+                "epsilon left",
+            ],
+            [
+                [
+                    c.clinic,
+                    "yes" if c.connected else "no",
+                    _when(c.last_seen),
+                    c.rounds_contributed,
+                    c.declines,
+                    c.dropouts,
+                    _num(c.epsilon_spent, ".2f") if c.HasField("epsilon_spent") else "-",
+                    _num(c.epsilon_remaining, ".2f") if c.HasField("epsilon_remaining") else "-",
+                ]
+                for c in resp.clinics
+            ],
+        )
+    elif isinstance(resp, admin_pb2.TriggerRoundResponse):
+        print(resp.detail)
+    elif isinstance(resp, admin_pb2.AbortRoundResponse):
+        print(f"round {resp.round} aborted")
+    elif isinstance(resp, admin_pb2.RollbackResponse):
+        if resp.changed:
+            print(
+                f"published checkpoint {resp.checkpoint[:16]} (round {resp.round}) again; "
+                "the next round starts from it"
+            )
+        else:
+            print(f"checkpoint {resp.checkpoint[:16]} (round {resp.round}) is already published")
+    elif isinstance(resp, admin_pb2.ReloadRevocationsResponse):
+        print(f"revocation list reloaded: {resp.revoked} revoked serial(s)")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from pki_fixtures import FederationPKI, make_federation
 from prometheus_client import CollectorRegistry
@@ -47,6 +48,8 @@ from clinic_agent.daemon import ClinicAgent
 from clinic_agent.metrics import AgentMetrics
 from common.datasets import group_split, load_records
 from common.partition import dirichlet_partition, write_index
+from common.tls import channel_credentials, secure_channel
+from dermafed.v1 import federation_pb2, federation_pb2_grpc
 
 HAM = Path(
     os.environ.get(
@@ -188,3 +191,51 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         yield fed
     finally:
         fed.stop()
+
+
+# -- raw clients that speak the wire protocol directly (for fault tests) -------------
+
+
+def raw_clinics(fed: Federation, names) -> dict[str, federation_pb2_grpc.FederationStub]:
+    assert fed.service is not None
+    stubs = {}
+    for name in names:
+        pair = fed.pki.clinics[name]
+        creds = channel_credentials(fed.pki.ca_cert, pair.cert, pair.key)
+        channel = secure_channel(f"localhost:{fed.service.port}", creds)
+        stubs[name] = federation_pb2_grpc.FederationStub(channel)
+    return stubs
+
+
+def header_for(coord, round_number, **changes):
+    specs = list(coord.specs)
+    total = sum(s.numel for s in specs) * 4
+    header = federation_pb2.UpdateHeader(
+        round=round_number,
+        encoding="f32le",
+        total_bytes=total,
+        weight=10.0,
+        train_loss=1.0,
+        tensors=[
+            federation_pb2.TensorSpec(name=s.name, shape=list(s.shape), dtype=s.dtype)
+            for s in specs
+        ],
+    )
+    for key, value in changes.items():
+        setattr(header, key, value)
+    return header
+
+
+def upload(stub, header, payload: bytes, chunk: int = 1 << 20):
+    def gen():
+        yield federation_pb2.UpdateChunk(header=header)
+        for i in range(0, len(payload), chunk):
+            yield federation_pb2.UpdateChunk(data=payload[i : i + chunk])
+
+    return stub.UploadUpdate(gen(), timeout=10)
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code()

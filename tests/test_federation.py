@@ -10,6 +10,10 @@ import grpc
 import numpy as np
 import pytest
 from federation_harness import CLINICS, Federation
+from federation_harness import code_of as _code
+from federation_harness import header_for as _header
+from federation_harness import raw_clinics as _raw_clinics
+from federation_harness import upload as _upload
 
 from common.pki import revoke
 from common.tensors import encode_f32le
@@ -108,45 +112,6 @@ def test_round_below_the_minimum_aborts_and_the_next_starts_from_the_last_publis
 # -- malformed uploads ------------------------------------------------------------------
 
 
-def _raw_clinics(fed: Federation, names) -> dict[str, federation_pb2_grpc.FederationStub]:
-    assert fed.service is not None
-    stubs = {}
-    for name in names:
-        pair = fed.pki.clinics[name]
-        creds = channel_credentials(fed.pki.ca_cert, pair.cert, pair.key)
-        channel = secure_channel(f"localhost:{fed.service.port}", creds)
-        stubs[name] = federation_pb2_grpc.FederationStub(channel)
-    return stubs
-
-
-def _header(coord, round_number, **changes):
-    specs = list(coord.specs)
-    total = sum(s.numel for s in specs) * 4
-    header = federation_pb2.UpdateHeader(
-        round=round_number,
-        encoding="f32le",
-        total_bytes=total,
-        weight=10.0,
-        train_loss=1.0,
-        tensors=[
-            federation_pb2.TensorSpec(name=s.name, shape=list(s.shape), dtype=s.dtype)
-            for s in specs
-        ],
-    )
-    for key, value in changes.items():
-        setattr(header, key, value)
-    return header
-
-
-def _upload(stub, header, payload: bytes, chunk: int = 1 << 20):
-    def gen():
-        yield federation_pb2.UpdateChunk(header=header)
-        for i in range(0, len(payload), chunk):
-            yield federation_pb2.UpdateChunk(data=payload[i : i + chunk])
-
-    return stub.UploadUpdate(gen(), timeout=10)
-
-
 @pytest.fixture
 def open_round(federation):
     from aggregator.config import RoundsSection
@@ -161,12 +126,6 @@ def open_round(federation):
     coord = service.coordinator
     assert coord.wait_until(lambda: coord.running_round() == 1, 10)
     return service, stubs
-
-
-def _code(call) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value.code()
 
 
 def _responded(service) -> set[str]:

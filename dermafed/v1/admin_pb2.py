@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x65rmafed/v1/admin.proto\x12\x0b\x64\x65rmafed.v1\"\x12\n\x10GetStatusRequest\"\xe1\x01\n\x11ValidationMetrics\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12\x19\n\x11\x62\x61lanced_accuracy\x18\x02 \x01(\x01\x12\x13\n\x0bmacro_auroc\x18\x03 \x01(\x01\x12\x44\n\x0bsensitivity\x18\x04 \x03(\x0b\x32/.dermafed.v1.ValidationMetrics.SensitivityEntry\x12\x10\n\x08\x65xamples\x18\x05 \x01(\x04\x1a\x32\n\x10SensitivityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9e\x03\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x19\n\x11parent_checkpoint\x18\x05 \x01(\t\x12\x12\n\ncheckpoint\x18\x06 \x01(\t\x12\x0e\n\x06\x63ohort\x18\x07 \x03(\t\x12\x14\n\x0c\x63ontributors\x18\x08 \x03(\t\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12/\n\x07metrics\x18\n \x01(\x0b\x32\x1e.dermafed.v1.ValidationMetrics\x12\x12\n\nstarted_at\x18\x0b \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0c \x01(\x01\x12\x42\n\rstage_seconds\x18\r \x03(\x0b\x32+.dermafed.v1.RoundSummary.StageSecondsEntry\x12\x13\n\x0b\x61ggregation\x18\x0e \x01(\t\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x88\x02\n\x11GetStatusResponse\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\x17\n\x0fpublished_round\x18\x02 \x01(\x04\x12\x1c\n\x14published_checkpoint\x18\x03 \x01(\t\x12\x30\n\rcurrent_round\x18\x04 \x01(\x0b\x32\x19.dermafed.v1.RoundSummary\x12-\n\nlast_round\x18\x05 \x01(\x0b\x32\x19.dermafed.v1.RoundSummary\x12\x19\n\x11\x63onnected_clinics\x18\x06 \x03(\t\x12\x18\n\x10rounds_completed\x18\x07 \x01(\x04\x12\x12\n\nmax_rounds\x18\x08 \x01(\x04\x32S\n\x05\x41\x64min\x12J\n\tGetStatus\x12\x1d.dermafed.v1.GetStatusRequest\x1a\x1e.dermafed.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x65rmafed/v1/admin.proto\x12\x0b\x64\x65rmafed.v1\"\x12\n\x10GetStatusRequest\"\xff\x02\n\x11ValidationMetrics\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12\x19\n\x11\x62\x61lanced_accuracy\x18\x02 \x01(\x01\x12\x13\n\x0bmacro_auroc\x18\x03 \x01(\x01\x12\x44\n\x0bsensitivity\x18\x04 \x03(\x0b\x32/.dermafed.v1.ValidationMetrics.SensitivityEntry\x12\x10\n\x08\x65xamples\x18\x05 \x01(\x04\x12\x44\n\x0bspecificity\x18\x06 \x03(\x0b\x32/.dermafed.v1.ValidationMetrics.SpecificityEntry\x12\"\n\x1a\x65xpected_calibration_error\x18\x07 \x01(\x01\x1a\x32\n\x10SensitivityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10SpecificityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xac\x03\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x19\n\x11parent_checkpoint\x18\x05 \x01(\t\x12\x12\n\ncheckpoint\x18\x06 \x01(\t\x12\x0e\n\x06\x63ohort\x18\x07 \x03(\t\x12\x14\n\x0c\x63ontributors\x18\x08 \x03(\t\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12/\n\x07metrics\x18\n \x01(\x0b\x32\x1e.dermafed.v1.ValidationMetrics\x12\x12\n\nstarted_at\x18\x0b \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0c \x01(\x01\x12\x42\n\rstage_seconds\x18\r \x03(\x0b\x32+.dermafed.v1.RoundSummary.StageSecondsEntry\x12\x13\n\x0b\x61ggregation\x18\x0e \x01(\t\x12\x0c\n\x04gate\x18\x0f \x01(\t\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x88\x02\n\x11GetStatusResponse\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\x17\n\x0fpublished_round\x18\x02 \x01(\x04\x12\x1c\n\x14published_checkpoint\x18\x03 \x01(\t\x12\x30\n\rcurrent_round\x18\x04 \x01(\x0b\x32\x19.dermafed.v1.RoundSummary\x12-\n\nlast_round\x18\x05 \x01(\x0b\x32\x19.dermafed.v1.RoundSummary\x12\x19\n\x11\x63onnected_clinics\x18\x06 \x03(\t\x12\x18\n\x10rounds_completed\x18\x07 \x01(\x04\x12\x12\n\nmax_rounds\x18\x08 \x01(\x04\"\x15\n\x13TriggerRoundRequest\"&\n\x14TriggerRoundResponse\x12\x0e\n\x06\x64\x65tail\x18\x01 \x01(\t\"2\n\x11\x41\x62ortRoundRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x12\x41\x62ortRoundResponse\x12\r\n\x05round\x18\x01 \x01(\x04\"R\n\x0fRollbackRequest\x12\x0f\n\x05round\x18\x01 \x01(\x04H\x00\x12\x14\n\ncheckpoint\x18\x02 \x01(\tH\x00\x12\x0e\n\x06reason\x18\x03 \x01(\tB\x08\n\x06target\"F\n\x10RollbackResponse\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\"2\n\x11ListRoundsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\x12\x0e\n\x06\x62\x65\x66ore\x18\x02 \x01(\x04\"?\n\x12ListRoundsResponse\x12)\n\x06rounds\x18\x01 \x03(\x0b\x32\x19.dermafed.v1.RoundSummary\"\xb9\x01\n\x0e\x43heckpointInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12/\n\x07metrics\x18\x05 \x01(\x0b\x32\x1e.dermafed.v1.ValidationMetrics\x12\x11\n\tpublished\x18\x06 \x01(\x08\x12\x15\n\rwas_published\x18\x07 \x01(\x08\x12\r\n\x05\x62ytes\x18\x08 \x01(\x04\"\'\n\x16ListCheckpointsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"K\n\x17ListCheckpointsResponse\x12\x30\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1b.dermafed.v1.CheckpointInfo\"\x83\x02\n\nClinicInfo\x12\x0e\n\x06\x63linic\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x11\n\tlast_seen\x18\x03 \x01(\x01\x12\x1a\n\x12rounds_contributed\x18\x04 \x01(\x04\x12\x10\n\x08\x64\x65\x63lines\x18\x05 \x01(\x04\x12\x10\n\x08\x64ropouts\x18\x06 \x01(\x04\x12\x1b\n\x13last_decline_reason\x18\x07 \x01(\t\x12\x1a\n\repsilon_spent\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11\x65psilon_remaining\x18\t \x01(\x01H\x01\x88\x01\x01\x42\x10\n\x0e_epsilon_spentB\x14\n\x12_epsilon_remaining\"\x14\n\x12ListClinicsRequest\"?\n\x13ListClinicsResponse\x12(\n\x07\x63linics\x18\x01 \x03(\x0b\x32\x17.dermafed.v1.ClinicInfo\"\x1a\n\x18ReloadRevocationsRequest\",\n\x19ReloadRevocationsResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x04\x32\xa3\x05\n\x05\x41\x64min\x12J\n\tGetStatus\x12\x1d.dermafed.v1.GetStatusRequest\x1a\x1e.dermafed.v1.GetStatusResponse\x12S\n\x0cTriggerRound\x12 .dermafed.v1.TriggerRoundRequest\x1a!.dermafed.v1.TriggerRoundResponse\x12M\n\nAbortRound\x12\x1e.dermafed.v1.AbortRoundRequest\x1a\x1f.dermafed.v1.AbortRoundResponse\x12G\n\x08Rollback\x12\x1c.dermafed.v1.RollbackRequest\x1a\x1d.dermafed.v1.RollbackResponse\x12M\n\nListRounds\x12\x1e.dermafed.v1.ListRoundsRequest\x1a\x1f.dermafed.v1.ListRoundsResponse\x12\\\n\x0fListCheckpoints\x12#.dermafed.v1.ListCheckpointsRequest\x1a$.dermafed.v1.ListCheckpointsResponse\x12P\n\x0bListClinics\x12\x1f.dermafed.v1.ListClinicsRequest\x1a .dermafed.v1.ListClinicsResponse\x12\x62\n\x11ReloadRevocations\x12%.dermafed.v1.ReloadRevocationsRequest\x1a&.dermafed.v1.ReloadRevocationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +33,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VALIDATIONMETRICS_SENSITIVITYENTRY']._loaded_options = None
   _globals['_VALIDATIONMETRICS_SENSITIVITYENTRY']._serialized_options = b'8\001'
+  _globals['_VALIDATIONMETRICS_SPECIFICITYENTRY']._loaded_options = None
+  _globals['_VALIDATIONMETRICS_SPECIFICITYENTRY']._serialized_options = b'8\001'
   _globals['_ROUNDSUMMARY_STAGESECONDSENTRY']._loaded_options = None
   _globals['_ROUNDSUMMARY_STAGESECONDSENTRY']._serialized_options = b'8\001'
   _globals['_GETSTATUSREQUEST']._serialized_start=40
   _globals['_GETSTATUSREQUEST']._serialized_end=58
   _globals['_VALIDATIONMETRICS']._serialized_start=61
-  _globals['_VALIDATIONMETRICS']._serialized_end=286
-  _globals['_VALIDATIONMETRICS_SENSITIVITYENTRY']._serialized_start=236
-  _globals['_VALIDATIONMETRICS_SENSITIVITYENTRY']._serialized_end=286
-  _globals['_ROUNDSUMMARY']._serialized_start=289
-  _globals['_ROUNDSUMMARY']._serialized_end=703
-  _globals['_ROUNDSUMMARY_STAGESECONDSENTRY']._serialized_start=652
-  _globals['_ROUNDSUMMARY_STAGESECONDSENTRY']._serialized_end=703
-  _globals['_GETSTATUSRESPONSE']._serialized_start=706
-  _globals['_GETSTATUSRESPONSE']._serialized_end=970
-  _globals['_ADMIN']._serialized_start=972
-  _globals['_ADMIN']._serialized_end=1055
+  _globals['_VALIDATIONMETRICS']._serialized_end=444
+  _globals['_VALIDATIONMETRICS_SENSITIVITYENTRY']._serialized_start=342
+  _globals['_VALIDATIONMETRICS_SENSITIVITYENTRY']._serialized_end=392
+  _globals['_VALIDATIONMETRICS_SPECIFICITYENTRY']._serialized_start=394
+  _globals['_VALIDATIONMETRICS_SPECIFICITYENTRY']._serialized_end=444
+  _globals['_ROUNDSUMMARY']._serialized_start=447
+  _globals['_ROUNDSUMMARY']._serialized_end=875
+  _globals['_ROUNDSUMMARY_STAGESECONDSENTRY']._serialized_start=824
+  _globals['_ROUNDSUMMARY_STAGESECONDSENTRY']._serialized_end=875
+  _globals['_GETSTATUSRESPONSE']._serialized_start=878
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1142
+  _globals['_TRIGGERROUNDREQUEST']._serialized_start=1144
+  _globals['_TRIGGERROUNDREQUEST']._serialized_end=1165
+  _globals['_TRIGGERROUNDRESPONSE']._serialized_start=1167
+  _globals['_TRIGGERROUNDRESPONSE']._serialized_end=1205
+  _globals['_ABORTROUNDREQUEST']._serialized_start=1207
+  _globals['_ABORTROUNDREQUEST']._serialized_end=1257
+  _globals['_ABORTROUNDRESPONSE']._serialized_start=1259
+  _globals['_ABORTROUNDRESPONSE']._serialized_end=1294
+  _globals['_ROLLBACKREQUEST']._serialized_start=1296
+  _globals['_ROLLBACKREQUEST']._serialized_end=1378
+  _globals['_ROLLBACKRESPONSE']._serialized_start=1380
+  _globals['_ROLLBACKRESPONSE']._serialized_end=1450
+  _globals['_LISTROUNDSREQUEST']._serialized_start=1452
+  _globals['_LISTROUNDSREQUEST']._serialized_end=1502
+  _globals['_LISTROUNDSRESPONSE']._serialized_start=1504
+  _globals['_LISTROUNDSRESPONSE']._serialized_end=1567
+  _globals['_CHECKPOINTINFO']._serialized_start=1570
+  _globals['_CHECKPOINTINFO']._serialized_end=1755
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1757
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1796
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1798
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1873
+  _globals['_CLINICINFO']._serialized_start=1876
+  _globals['_CLINICINFO']._serialized_end=2135
+  _globals['_LISTCLINICSREQUEST']._serialized_start=2137
+  _globals['_LISTCLINICSREQUEST']._serialized_end=2157
+  _globals['_LISTCLINICSRESPONSE']._serialized_start=2159
+  _globals['_LISTCLINICSRESPONSE']._serialized_end=2222
+  _globals['_RELOADREVOCATIONSREQUEST']._serialized_start=2224
+  _globals['_RELOADREVOCATIONSREQUEST']._serialized_end=2250
+  _globals['_RELOADREVOCATIONSRESPONSE']._serialized_start=2252
+  _globals['_RELOADREVOCATIONSRESPONSE']._serialized_end=2296
+  _globals['_ADMIN']._serialized_start=2299
+  _globals['_ADMIN']._serialized_end=2974
 # @@protoc_insertion_point(module_scope)

@@ -59,19 +59,44 @@ class ValidationMetrics(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class SpecificityEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ACCURACY_FIELD_NUMBER: _builtins.int
     BALANCED_ACCURACY_FIELD_NUMBER: _builtins.int
     MACRO_AUROC_FIELD_NUMBER: _builtins.int
     SENSITIVITY_FIELD_NUMBER: _builtins.int
     EXAMPLES_FIELD_NUMBER: _builtins.int
+    SPECIFICITY_FIELD_NUMBER: _builtins.int
+    EXPECTED_CALIBRATION_ERROR_FIELD_NUMBER: _builtins.int
     accuracy: _builtins.float
     balanced_accuracy: _builtins.float
     macro_auroc: _builtins.float
     examples: _builtins.int
+    expected_calibration_error: _builtins.float
     @_builtins.property
     def sensitivity(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """per class code: "mel", "bcc", ..."""
 
+    @_builtins.property
+    def specificity(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
         self,
         *,
@@ -80,10 +105,12 @@ class ValidationMetrics(_message.Message):
         macro_auroc: _builtins.float = ...,
         sensitivity: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         examples: _builtins.int = ...,
+        specificity: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        expected_calibration_error: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "balanced_accuracy", b"balanced_accuracy", "examples", b"examples", "macro_auroc", b"macro_auroc", "sensitivity", b"sensitivity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "balanced_accuracy", b"balanced_accuracy", "examples", b"examples", "expected_calibration_error", b"expected_calibration_error", "macro_auroc", b"macro_auroc", "sensitivity", b"sensitivity", "specificity", b"specificity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -127,6 +154,7 @@ class RoundSummary(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     STAGE_SECONDS_FIELD_NUMBER: _builtins.int
     AGGREGATION_FIELD_NUMBER: _builtins.int
+    GATE_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     state: _builtins.str
     """stage name while running; outcome when finished"""
@@ -139,6 +167,8 @@ class RoundSummary(_message.Message):
     started_at: _builtins.float
     finished_at: _builtins.float
     aggregation: _builtins.str
+    gate: _builtins.str
+    """The validation gate's verdict on the candidate ("" while running or without a holdout)."""
     @_builtins.property
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -164,10 +194,11 @@ class RoundSummary(_message.Message):
         finished_at: _builtins.float = ...,
         stage_seconds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         aggregation: _builtins.str = ...,
+        gate: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "checkpoint", b"checkpoint", "cohort", b"cohort", "contributors", b"contributors", "finished_at", b"finished_at", "metrics", b"metrics", "outcome", b"outcome", "parent_checkpoint", b"parent_checkpoint", "reason", b"reason", "round", b"round", "stage_seconds", b"stage_seconds", "started_at", b"started_at", "state", b"state", "train_loss", b"train_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "checkpoint", b"checkpoint", "cohort", b"cohort", "contributors", b"contributors", "finished_at", b"finished_at", "gate", b"gate", "metrics", b"metrics", "outcome", b"outcome", "parent_checkpoint", b"parent_checkpoint", "reason", b"reason", "round", b"round", "stage_seconds", b"stage_seconds", "started_at", b"started_at", "state", b"state", "train_loss", b"train_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -220,3 +251,381 @@ class GetStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class TriggerRoundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TriggerRoundRequest: _TypeAlias = TriggerRoundRequest  # noqa: Y015
+
+@_typing.final
+class TriggerRoundResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DETAIL_FIELD_NUMBER: _builtins.int
+    detail: _builtins.str
+    """The round starts at the next scheduler tick once enough clinics are connected."""
+    def __init__(
+        self,
+        *,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TriggerRoundResponse: _TypeAlias = TriggerRoundResponse  # noqa: Y015
+
+@_typing.final
+class AbortRoundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    """must name the running round (guards against aborting the next one)"""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRoundRequest: _TypeAlias = AbortRoundRequest  # noqa: Y015
+
+@_typing.final
+class AbortRoundResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRoundResponse: _TypeAlias = AbortRoundResponse  # noqa: Y015
+
+@_typing.final
+class RollbackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    """roll back to the checkpoint this round published"""
+    checkpoint: _builtins.str
+    """or to a checkpoint id that was published before"""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        checkpoint: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "round", b"round", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "reason", b"reason", "round", b"round", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["round", "checkpoint"]  # noqa: Y015
+    _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
+
+Global___RollbackRequest: _TypeAlias = RollbackRequest  # noqa: Y015
+
+@_typing.final
+class RollbackResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    checkpoint: _builtins.str
+    round: _builtins.int
+    changed: _builtins.bool
+    """false when the target was already published (idempotent)"""
+    def __init__(
+        self,
+        *,
+        checkpoint: _builtins.str = ...,
+        round: _builtins.int = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "checkpoint", b"checkpoint", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackResponse: _TypeAlias = RollbackResponse  # noqa: Y015
+
+@_typing.final
+class ListRoundsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """0: 50"""
+    before: _builtins.int
+    """0: newest first"""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        before: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before", b"before", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRoundsRequest: _TypeAlias = ListRoundsRequest  # noqa: Y015
+
+@_typing.final
+class ListRoundsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundSummary]: ...
+    def __init__(
+        self,
+        *,
+        rounds: _abc.Iterable[Global___RoundSummary] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rounds", b"rounds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRoundsResponse: _TypeAlias = ListRoundsResponse  # noqa: Y015
+
+@_typing.final
+class CheckpointInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    PUBLISHED_FIELD_NUMBER: _builtins.int
+    WAS_PUBLISHED_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    round: _builtins.int
+    parent: _builtins.str
+    created_at: _builtins.float
+    published: _builtins.bool
+    """currently published"""
+    was_published: _builtins.bool
+    bytes: _builtins.int
+    @_builtins.property
+    def metrics(self) -> Global___ValidationMetrics: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        parent: _builtins.str = ...,
+        created_at: _builtins.float = ...,
+        metrics: Global___ValidationMetrics | None = ...,
+        published: _builtins.bool = ...,
+        was_published: _builtins.bool = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "created_at", b"created_at", "id", b"id", "metrics", b"metrics", "parent", b"parent", "published", b"published", "round", b"round", "was_published", b"was_published"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointInfo: _TypeAlias = CheckpointInfo  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsRequest: _TypeAlias = ListCheckpointsRequest  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckpointInfo]: ...
+    def __init__(
+        self,
+        *,
+        checkpoints: _abc.Iterable[Global___CheckpointInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsResponse: _TypeAlias = ListCheckpointsResponse  # noqa: Y015
+
+@_typing.final
+class ClinicInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLINIC_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    ROUNDS_CONTRIBUTED_FIELD_NUMBER: _builtins.int
+    DECLINES_FIELD_NUMBER: _builtins.int
+    DROPOUTS_FIELD_NUMBER: _builtins.int
+    LAST_DECLINE_REASON_FIELD_NUMBER: _builtins.int
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    EPSILON_REMAINING_FIELD_NUMBER: _builtins.int
+    clinic: _builtins.str
+    connected: _builtins.bool
+    last_seen: _builtins.float
+    """0: not seen since the aggregator started"""
+    rounds_contributed: _builtins.int
+    declines: _builtins.int
+    dropouts: _builtins.int
+    last_decline_reason: _builtins.str
+    epsilon_spent: _builtins.float
+    epsilon_remaining: _builtins.float
+    def __init__(
+        self,
+        *,
+        clinic: _builtins.str = ...,
+        connected: _builtins.bool = ...,
+        last_seen: _builtins.float = ...,
+        rounds_contributed: _builtins.int = ...,
+        declines: _builtins.int = ...,
+        dropouts: _builtins.int = ...,
+        last_decline_reason: _builtins.str = ...,
+        epsilon_spent: _builtins.float | None = ...,
+        epsilon_remaining: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epsilon_remaining", b"_epsilon_remaining", "_epsilon_spent", b"_epsilon_spent", "epsilon_remaining", b"epsilon_remaining", "epsilon_spent", b"epsilon_spent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epsilon_remaining", b"_epsilon_remaining", "_epsilon_spent", b"_epsilon_spent", "clinic", b"clinic", "connected", b"connected", "declines", b"declines", "dropouts", b"dropouts", "epsilon_remaining", b"epsilon_remaining", "epsilon_spent", b"epsilon_spent", "last_decline_reason", b"last_decline_reason", "last_seen", b"last_seen", "rounds_contributed", b"rounds_contributed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__epsilon_remaining: _TypeAlias = _typing.Literal["epsilon_remaining"]  # noqa: Y015
+    _WhichOneofArgType__epsilon_remaining: _TypeAlias = _typing.Literal["_epsilon_remaining", b"_epsilon_remaining"]  # noqa: Y015
+    _WhichOneofReturnType__epsilon_spent: _TypeAlias = _typing.Literal["epsilon_spent"]  # noqa: Y015
+    _WhichOneofArgType__epsilon_spent: _TypeAlias = _typing.Literal["_epsilon_spent", b"_epsilon_spent"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epsilon_remaining) -> _WhichOneofReturnType__epsilon_remaining | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epsilon_spent) -> _WhichOneofReturnType__epsilon_spent | None: ...
+
+Global___ClinicInfo: _TypeAlias = ClinicInfo  # noqa: Y015
+
+@_typing.final
+class ListClinicsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListClinicsRequest: _TypeAlias = ListClinicsRequest  # noqa: Y015
+
+@_typing.final
+class ListClinicsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLINICS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def clinics(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClinicInfo]: ...
+    def __init__(
+        self,
+        *,
+        clinics: _abc.Iterable[Global___ClinicInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clinics", b"clinics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListClinicsResponse: _TypeAlias = ListClinicsResponse  # noqa: Y015
+
+@_typing.final
+class ReloadRevocationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadRevocationsRequest: _TypeAlias = ReloadRevocationsRequest  # noqa: Y015
+
+@_typing.final
+class ReloadRevocationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKED_FIELD_NUMBER: _builtins.int
+    revoked: _builtins.int
+    """serials on the list now"""
+    def __init__(
+        self,
+        *,
+        revoked: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked", b"revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadRevocationsResponse: _TypeAlias = ReloadRevocationsResponse  # noqa: Y015

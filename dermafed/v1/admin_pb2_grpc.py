@@ -39,12 +39,91 @@ class AdminStub:
                 request_serializer=dermafed_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=dermafed_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.TriggerRound = channel.unary_unary(
+                '/dermafed.v1.Admin/TriggerRound',
+                request_serializer=dermafed_dot_v1_dot_admin__pb2.TriggerRoundRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_admin__pb2.TriggerRoundResponse.FromString,
+                _registered_method=True)
+        self.AbortRound = channel.unary_unary(
+                '/dermafed.v1.Admin/AbortRound',
+                request_serializer=dermafed_dot_v1_dot_admin__pb2.AbortRoundRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_admin__pb2.AbortRoundResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/dermafed.v1.Admin/Rollback',
+                request_serializer=dermafed_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_admin__pb2.RollbackResponse.FromString,
+                _registered_method=True)
+        self.ListRounds = channel.unary_unary(
+                '/dermafed.v1.Admin/ListRounds',
+                request_serializer=dermafed_dot_v1_dot_admin__pb2.ListRoundsRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_admin__pb2.ListRoundsResponse.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/dermafed.v1.Admin/ListCheckpoints',
+                request_serializer=dermafed_dot_v1_dot_admin__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_admin__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.ListClinics = channel.unary_unary(
+                '/dermafed.v1.Admin/ListClinics',
+                request_serializer=dermafed_dot_v1_dot_admin__pb2.ListClinicsRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_admin__pb2.ListClinicsResponse.FromString,
+                _registered_method=True)
+        self.ReloadRevocations = channel.unary_unary(
+                '/dermafed.v1.Admin/ReloadRevocations',
+                request_serializer=dermafed_dot_v1_dot_admin__pb2.ReloadRevocationsRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_admin__pb2.ReloadRevocationsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TriggerRound(self, request, context):
+        """Start a round now (subject to the minimum number of connected clinics).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRound(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Publish an earlier published checkpoint again; the next round starts from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRounds(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListClinics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadRevocations(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -57,6 +136,41 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=dermafed_dot_v1_dot_admin__pb2.GetStatusRequest.FromString,
                     response_serializer=dermafed_dot_v1_dot_admin__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'TriggerRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.TriggerRound,
+                    request_deserializer=dermafed_dot_v1_dot_admin__pb2.TriggerRoundRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_admin__pb2.TriggerRoundResponse.SerializeToString,
+            ),
+            'AbortRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRound,
+                    request_deserializer=dermafed_dot_v1_dot_admin__pb2.AbortRoundRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_admin__pb2.AbortRoundResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=dermafed_dot_v1_dot_admin__pb2.RollbackRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_admin__pb2.RollbackResponse.SerializeToString,
+            ),
+            'ListRounds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRounds,
+                    request_deserializer=dermafed_dot_v1_dot_admin__pb2.ListRoundsRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_admin__pb2.ListRoundsResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=dermafed_dot_v1_dot_admin__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_admin__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'ListClinics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClinics,
+                    request_deserializer=dermafed_dot_v1_dot_admin__pb2.ListClinicsRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_admin__pb2.ListClinicsResponse.SerializeToString,
+            ),
+            'ReloadRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadRevocations,
+                    request_deserializer=dermafed_dot_v1_dot_admin__pb2.ReloadRevocationsRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_admin__pb2.ReloadRevocationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +200,195 @@ class Admin:
             '/dermafed.v1.Admin/GetStatus',
             dermafed_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
             dermafed_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TriggerRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Admin/TriggerRound',
+            dermafed_dot_v1_dot_admin__pb2.TriggerRoundRequest.SerializeToString,
+            dermafed_dot_v1_dot_admin__pb2.TriggerRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Admin/AbortRound',
+            dermafed_dot_v1_dot_admin__pb2.AbortRoundRequest.SerializeToString,
+            dermafed_dot_v1_dot_admin__pb2.AbortRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Admin/Rollback',
+            dermafed_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
+            dermafed_dot_v1_dot_admin__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRounds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Admin/ListRounds',
+            dermafed_dot_v1_dot_admin__pb2.ListRoundsRequest.SerializeToString,
+            dermafed_dot_v1_dot_admin__pb2.ListRoundsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Admin/ListCheckpoints',
+            dermafed_dot_v1_dot_admin__pb2.ListCheckpointsRequest.SerializeToString,
+            dermafed_dot_v1_dot_admin__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClinics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Admin/ListClinics',
+            dermafed_dot_v1_dot_admin__pb2.ListClinicsRequest.SerializeToString,
+            dermafed_dot_v1_dot_admin__pb2.ListClinicsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Admin/ReloadRevocations',
+            dermafed_dot_v1_dot_admin__pb2.ReloadRevocationsRequest.SerializeToString,
+            dermafed_dot_v1_dot_admin__pb2.ReloadRevocationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
