@@ -55,6 +55,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
 
 
+class UsageError(Exception):
+    """A bad command-line value, reported with exit code 2 before any call is made."""
+
+
+def _non_negative(value: int | None, what: str) -> None:
+    if value is not None and value < 0:
+        raise UsageError(f"{what} must be >= 0, got {value}")
+
+
 def _run(
     action: Callable[[AdminClient, argparse.Namespace], Message | None],
 ) -> Callable[[argparse.Namespace], int]:
@@ -62,6 +71,9 @@ def _run(
         client = AdminClient(load_admin_config(Path(args.config)))
         try:
             response = action(client, args)
+        except UsageError as exc:
+            print(f"dermafed admin: {exc}", file=sys.stderr)
+            return 2
         except grpc.RpcError as exc:
             print(f"dermafed admin: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -91,10 +103,12 @@ def _status(c: AdminClient, a: argparse.Namespace) -> Message:
 
 
 def _rounds(c: AdminClient, a: argparse.Namespace) -> Message:
+    _non_negative(a.limit, "--limit")
     return c.rounds(limit=a.limit)
 
 
 def _checkpoints(c: AdminClient, a: argparse.Namespace) -> Message:
+    _non_negative(a.limit, "--limit")
     return c.checkpoints(limit=a.limit)
 
 
@@ -107,10 +121,13 @@ def _trigger(c: AdminClient, a: argparse.Namespace) -> Message:
 
 
 def _abort(c: AdminClient, a: argparse.Namespace) -> Message:
+    if a.round < 1:
+        raise UsageError(f"the round to abort must be >= 1, got {a.round}")
     return c.abort(a.round, a.reason)
 
 
 def _rollback(c: AdminClient, a: argparse.Namespace) -> Message:
+    _non_negative(a.round, "--round")
     return c.rollback(round_number=a.round, checkpoint=a.checkpoint, reason=a.reason)
 
 

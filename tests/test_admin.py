@@ -1,0 +1,262 @@
+"""Admin API and validation gate through the real services over mutual TLS."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import numpy as np
+import pytest
+from federation_harness import Federation, code_of, header_for, raw_clinics, upload
+from pki_fixtures import make_federation
+
+from aggregator.config import RoundsSection
+from common.datasets import CLASSES
+from common.pki import revoke
+from common.tensors import encode_f32le
+from common.tls import channel_credentials, secure_channel
+from dermafed.v1 import admin_pb2, admin_pb2_grpc, federation_pb2
+
+MEL = CLASSES.index("mel")
+NV = CLASSES.index("nv")
+
+
+@pytest.fixture
+def fed(federation: Federation) -> Federation:
+    # A second admin whose certificate the tests revoke.
+    object.__setattr__(federation, "pki", make_federation(
+        federation.tmp / "pki2", admins=("alice", "mallory")))
+    return federation
+
+
+def _admin(fed: Federation, cert_pair, ca=None) -> admin_pb2_grpc.AdminStub:
+    assert fed.service is not None
+    creds = channel_credentials(ca or fed.pki.ca_cert, *cert_pair)
+    return admin_pb2_grpc.AdminStub(secure_channel(f"localhost:{fed.service.port}", creds))
+
+
+def _bias_delta(coord, shifts: dict[int, float]) -> bytes:
+    """A delta that only moves the classifier's output biases (a crafted 'bad' update)."""
+    parts = []
+    for spec in coord.specs:
+        block = np.zeros(spec.numel, np.float32)
+        if spec.name == "classifier.bias":
+            for cls, shift in shifts.items():
+                block[cls] = shift
+        parts.append(block)
+    return encode_f32le(np.concatenate(parts))
+
+
+def _start(fed: Federation, **rounds):
+    cfg = fed.aggregator_config(rounds=RoundsSection(
+        min_clinics=2, start_when_connected=2, train_deadline_s=120.0, **rounds))
+    service = fed.start_aggregator(cfg)
+    stubs = raw_clinics(fed, ("clinic-a", "clinic-b"))
+    for stub in stubs.values():
+        stub.Poll(federation_pb2.PollRequest(wait_ms=0), timeout=5)
+    return service, stubs
+
+
+def _run_round(service, stubs, number: int, payload: bytes) -> None:
+    coord = service.coordinator
+    assert coord.wait_until(lambda: coord.running_round() == number, 20), \
+        f"round {number} did not start"
+    for stub in stubs.values():
+        upload(stub, header_for(coord, number), payload)
+    assert coord.wait_until(
+        lambda: (rec := service.ledger.round(number)) is not None and rec.outcome is not None, 60)
+
+
+def test_forced_melanoma_regression_is_rejected_and_the_published_model_stays(fed):
+    service, stubs = _start(fed)
+    coord = service.coordinator
+    # Round 1: every lesion becomes "melanoma" -> mel sensitivity 1.0; published (the
+    # baseline is the untrained model, so only the balanced-accuracy floor applies).
+    _run_round(service, stubs, 1, _bias_delta(coord, {MEL: 50.0}))
+    r1 = service.ledger.round(1)
+    assert r1 is not None and r1.outcome == "published"
+    assert r1.metrics["sensitivity"]["mel"] == pytest.approx(1.0)
+    published_after_1 = coord.published[0]
+    # Round 2: a candidate that never says melanoma -> rejected by the gate.
+    _run_round(service, stubs, 2, _bias_delta(coord, {MEL: -100.0, NV: 100.0}))
+    r2 = service.ledger.round(2)
+    assert r2 is not None and r2.outcome == "rejected"
+    assert "mel sensitivity fell" in (r2.reason or "")
+    assert r2.metrics["gate"]["verdict"] == "reject"
+    assert r2.checkpoint and r2.checkpoint != published_after_1  # kept for inspection
+    assert coord.published == (published_after_1, 1)
+    reg = service.registry
+    assert reg.get_sample_value("dermafed_rollbacks_total", {"kind": "automatic"}) == 1
+    assert reg.get_sample_value("dermafed_rounds_total", {"outcome": "rejected"}) == 1
+    assert reg.get_sample_value("dermafed_validation_sensitivity", {"class": "mel"}) == 1.0
+    # The next round starts from round 1's checkpoint: same hash.
+    assert coord.wait_until(lambda: coord.running_round() == 3, 20)
+    task = stubs["clinic-a"].Poll(federation_pb2.PollRequest(wait_ms=0), timeout=5)
+    assert task.plan.round == 3 and task.plan.parent_checkpoint == published_after_1
+
+
+def test_admin_rollback_trigger_abort_and_audit(fed):
+    service, stubs = _start(fed, max_rounds=2)
+    coord = service.coordinator
+    _run_round(service, stubs, 1, _bias_delta(coord, {MEL: 1.0}))
+    first = coord.published[0]
+    _run_round(service, stubs, 2, _bias_delta(coord, {MEL: 0.5}))
+    second = coord.published[0]
+    assert second != first and coord.running_round() is None  # max_rounds reached
+    alice = _admin(fed, fed.pki.admins["alice"])
+
+    resp = alice.Rollback(admin_pb2.RollbackRequest(round=1, reason="regression at site B"),
+                          timeout=5)
+    assert (resp.checkpoint, resp.round, resp.changed) == (first, 1, True)
+    # Idempotent: the same rollback again changes nothing.
+    again = alice.Rollback(admin_pb2.RollbackRequest(round=1), timeout=5)
+    assert (again.checkpoint, again.changed) == (first, False)
+    status = alice.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+    assert (status.published_round, status.published_checkpoint) == (1, first)
+    assert service.registry.get_sample_value("dermafed_rollbacks_total", {"kind": "admin"}) == 1
+    pubs = service.ledger.publications()
+    assert pubs[-1].kind == "rollback" and pubs[-1].checkpoint == first
+
+    # Trigger a round past max_rounds: it starts from the rolled-back checkpoint.
+    alice.TriggerRound(admin_pb2.TriggerRoundRequest(), timeout=5)
+    for stub in stubs.values():
+        stub.Poll(federation_pb2.PollRequest(wait_ms=0), timeout=5)
+    assert coord.wait_until(lambda: coord.running_round() == 3, 20)
+    task = stubs["clinic-a"].Poll(federation_pb2.PollRequest(wait_ms=0), timeout=5)
+    assert task.plan.parent_checkpoint == first
+    err = code_of(lambda: alice.TriggerRound(admin_pb2.TriggerRoundRequest(), timeout=5))
+    assert err == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as info:
+        alice.TriggerRound(admin_pb2.TriggerRoundRequest(), timeout=5)
+    assert "round 3" in (info.value.details() or "")
+    # Rolling back while a round runs is refused; aborting needs the right number.
+    assert code_of(lambda: alice.Rollback(admin_pb2.RollbackRequest(round=2), timeout=5)) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: alice.AbortRound(admin_pb2.AbortRoundRequest(round=4), timeout=5)) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+    alice.AbortRound(admin_pb2.AbortRoundRequest(round=3, reason="maintenance"), timeout=5)
+    rec = service.ledger.round(3)
+    assert rec is not None and rec.outcome == "aborted" and "maintenance" in (rec.reason or "")
+    assert coord.published[0] == first
+
+    actions = [(e.actor, e.action) for e in service.ledger.audit_log()]
+    uri = fed.pki.admins["alice"].uri
+    for action in ("rollback", "trigger_round", "abort_round"):
+        assert (uri, action) in actions
+    # Listing calls reflect all of it.
+    rounds = alice.ListRounds(admin_pb2.ListRoundsRequest(limit=10), timeout=5).rounds
+    assert [r.round for r in rounds][:3] == [3, 2, 1]
+    ckpts = alice.ListCheckpoints(admin_pb2.ListCheckpointsRequest(), timeout=5).checkpoints
+    assert {c.id for c in ckpts if c.published} == {first}
+    clinics = alice.ListClinics(admin_pb2.ListClinicsRequest(), timeout=5).clinics
+    by_name = {c.clinic: c for c in clinics}
+    assert by_name["clinic-a"].rounds_contributed == 2 and by_name["clinic-a"].connected
+
+
+def test_bad_admin_input_is_refused_and_changes_nothing(fed):
+    service, stubs = _start(fed, max_rounds=2)
+    coord = service.coordinator
+    _run_round(service, stubs, 1, _bias_delta(coord, {MEL: 50.0}))
+    _run_round(service, stubs, 2, _bias_delta(coord, {MEL: -100.0, NV: 100.0}))  # rejected
+    assert service.ledger.round(2).outcome == "rejected"
+    alice = _admin(fed, fed.pki.admins["alice"])
+    before = (coord.published, len(service.ledger.publications()))
+
+    def rollback(**kw):
+        return lambda: alice.Rollback(admin_pb2.RollbackRequest(**kw), timeout=5)
+
+    cases = [
+        (rollback(round=99), grpc.StatusCode.NOT_FOUND),
+        (rollback(round=2), grpc.StatusCode.INVALID_ARGUMENT),  # rejected candidate
+        (rollback(checkpoint=service.ledger.round(2).checkpoint), grpc.StatusCode.INVALID_ARGUMENT),
+        (rollback(checkpoint="f" * 64), grpc.StatusCode.NOT_FOUND),
+        (rollback(checkpoint="../../etc/passwd"), grpc.StatusCode.INVALID_ARGUMENT),
+        (rollback(), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda: alice.AbortRound(admin_pb2.AbortRoundRequest(round=0), timeout=5),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda: alice.AbortRound(admin_pb2.AbortRoundRequest(round=1), timeout=5),
+         grpc.StatusCode.FAILED_PRECONDITION),  # nothing running
+    ]
+    for call, expected in cases:
+        assert code_of(call) == expected
+    assert (coord.published, len(service.ledger.publications())) == before
+
+
+ADMIN_CALLS = {
+    "GetStatus": lambda s: s.GetStatus(admin_pb2.GetStatusRequest(), timeout=5),
+    "TriggerRound": lambda s: s.TriggerRound(admin_pb2.TriggerRoundRequest(), timeout=5),
+    "AbortRound": lambda s: s.AbortRound(admin_pb2.AbortRoundRequest(round=1), timeout=5),
+    "Rollback": lambda s: s.Rollback(admin_pb2.RollbackRequest(round=0), timeout=5),
+    "ListRounds": lambda s: s.ListRounds(admin_pb2.ListRoundsRequest(), timeout=5),
+    "ListCheckpoints": lambda s: s.ListCheckpoints(admin_pb2.ListCheckpointsRequest(), timeout=5),
+    "ListClinics": lambda s: s.ListClinics(admin_pb2.ListClinicsRequest(), timeout=5),
+    "ReloadRevocations": lambda s: s.ReloadRevocations(
+        admin_pb2.ReloadRevocationsRequest(), timeout=5),
+}
+
+
+def test_authorisation_matrix_for_every_admin_method(fed):
+    service = fed.start_aggregator(fed.aggregator_config(
+        rounds=RoundsSection(min_clinics=5, start_when_connected=5)))
+    pki = fed.pki
+    revoke(pki.ca_dir, name="mallory")
+    service_stubs = {
+        "admin": _admin(fed, pki.admins["alice"]),
+        "clinic": _admin(fed, pki.clinics["clinic-a"]),
+        "aggregator": _admin(fed, pki.aggregator),
+        "revoked admin": _admin(fed, pki.admins["mallory"]),
+        "foreign CA": _admin(fed, pki.foreign_clinic, ca=pki.foreign_ca_cert),
+    }
+    expected = {
+        "clinic": grpc.StatusCode.PERMISSION_DENIED,
+        "aggregator": grpc.StatusCode.PERMISSION_DENIED,
+        "revoked admin": grpc.StatusCode.UNAUTHENTICATED,
+        "foreign CA": grpc.StatusCode.UNAVAILABLE,  # the TLS handshake itself fails
+    }
+    time.sleep(0.6)  # the CRL is re-read at most every 0.5 s
+    for method, call in ADMIN_CALLS.items():
+        for who, stub in service_stubs.items():
+            try:
+                call(stub)
+                got = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                got = exc.code()
+            if who == "admin":
+                # Authorised: any answer but an authentication/authorisation failure.
+                assert got not in (grpc.StatusCode.UNAUTHENTICATED,
+                                   grpc.StatusCode.PERMISSION_DENIED,
+                                   grpc.StatusCode.UNAVAILABLE), (method, got)
+            else:
+                assert got == expected[who], (method, who, got)
+    denied = service.registry.get_sample_value(
+        "dermafed_rejected_requests_total", {"method": "Rollback", "code": "PERMISSION_DENIED"})
+    assert denied == 2
+
+
+def test_admin_cli_tables_and_json(fed, capsys, tmp_path):
+    from dermafed.cli import main
+    from dermafed.demo import write_toml
+
+    service, stubs = _start(fed, max_rounds=1)
+    _run_round(service, stubs, 1, _bias_delta(service.coordinator, {MEL: 1.0}))
+    pair = fed.pki.admins["alice"]
+    cfg = tmp_path / "admin.toml"
+    write_toml(cfg, {"federation": fed.pki.federation,
+                     "aggregator": {"address": f"localhost:{service.port}"},
+                     "tls": {"ca_cert": fed.pki.ca_cert, "cert": pair.cert, "key": pair.key}})
+    assert main(["admin", "--config", str(cfg), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "published          round 1" in out
+    assert main(["admin", "--config", str(cfg), "rounds"]) == 0
+    out = capsys.readouterr().out
+    assert "round" in out.splitlines()[0] and "published" in out
+    assert main(["admin", "--config", str(cfg), "--json", "clinics"]) == 0
+    clinics = json.loads(capsys.readouterr().out)["clinics"]
+    assert {c["clinic"] for c in clinics} == {"clinic-a", "clinic-b"}
+    assert main(["admin", "--config", str(cfg), "rollback", "--round", "0"]) == 0
+    assert "again" in capsys.readouterr().out
+    assert main(["admin", "--config", str(cfg), "rollback", "--round", "77"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["admin", "--config", str(cfg), "abort", "-3"]) == 2
+    assert "must be" in capsys.readouterr().err
