@@ -91,6 +91,9 @@ class RoundsSection:
     start_when_connected: int = 0
     # Seconds between the end of one round and the start of the next.
     interval_s: float = 0.0
+    # After an aborted round, wait at least this long before the next one, so a federation
+    # whose clinics all decline (e.g. budgets spent) does not spin through empty rounds.
+    retry_after_abort_s: float = 30.0
     # Stop scheduling after this many finished rounds (0: run forever).
     max_rounds: int = 0
     # A clinic counts as connected if it polled within this many seconds.
@@ -112,6 +115,7 @@ class RoundsSection:
         )
         require(self.start_when_connected >= 0, "rounds.start_when_connected", "must be >= 0")
         require(self.interval_s >= 0, "rounds.interval_s", "must be >= 0")
+        require(self.retry_after_abort_s >= 0, "rounds.retry_after_abort_s", "must be >= 0")
         require(self.max_rounds >= 0, "rounds.max_rounds", "must be >= 0")
         require(self.connected_timeout_s > 0, "rounds.connected_timeout_s", "must be positive")
         require(self.train_deadline_s > 0, "rounds.train_deadline_s", "must be positive")
@@ -127,8 +131,11 @@ class PlanSection:
     fedprox_mu: float = 0.0
     batch_size: int = 32
     delta_clip_norm: float = 0.0
+    # Proposed DP-SGD noise multiplier (0: leave it to each clinic's own setting).
+    dp_noise_multiplier: float = 0.0
 
     def validate(self) -> None:
+        require(self.dp_noise_multiplier >= 0, "plan.dp_noise_multiplier", "must be >= 0")
         require(self.local_epochs >= 1, "plan.local_epochs", "must be at least 1")
         require(self.optimizer in ("sgd", "adam"), "plan.optimizer", "must be 'sgd' or 'adam'")
         require(self.learning_rate > 0, "plan.learning_rate", "must be positive")

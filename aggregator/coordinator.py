@@ -78,6 +78,7 @@ class RoundPlan:
     cohort: tuple[str, ...]
     federation: str
     stage_deadline: float = 0.0
+    dp_noise_multiplier: float | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -91,6 +92,7 @@ class RoundPlan:
             "delta_clip_norm": self.delta_clip_norm,
             "aggregation": self.aggregation,
             "min_clinics": self.min_clinics,
+            "dp_noise_multiplier": self.dp_noise_multiplier,
         }
 
 
@@ -112,6 +114,20 @@ class UploadHeader:
     train_seconds: float
 
 
+@dataclass(frozen=True)
+class PrivacyReport:
+    """A clinic's own account of its privacy budget (reported, not enforced, here)."""
+
+    status: str
+    epsilon_spent: float
+    epsilon_max: float
+    delta: float
+
+    @property
+    def epsilon_remaining(self) -> float:
+        return max(0.0, self.epsilon_max - self.epsilon_spent)
+
+
 @dataclass
 class ClinicInfo:
     clinic: str
@@ -119,6 +135,7 @@ class ClinicInfo:
     rounds_contributed: int = 0
     declines: int = 0
     last_decline_reason: str = ""
+    privacy: PrivacyReport | None = None
 
 
 @dataclass
@@ -233,6 +250,7 @@ class Coordinator:
         self._thread: threading.Thread | None = None
         self._round_requested = False
         self._last_finished_at: float | None = None
+        self._last_outcome = ""
         self._rounds_finished = 0
         self.model_config: ModelConfig = config.model.to_model_config()
         self._published: tuple[str, int] = ("", 0)
@@ -316,11 +334,15 @@ class Coordinator:
 
     # -- clinic-facing operations --------------------------------------------------------
 
-    def poll(self, clinic: str, last_round: int, wait_s: float) -> PollResult:
+    def poll(
+        self, clinic: str, last_round: int, wait_s: float, privacy: PrivacyReport | None = None
+    ) -> PollResult:
         """Long-poll: return a task for ``clinic`` as soon as there is one, or after wait_s."""
         give_up = time.monotonic() + max(0.0, wait_s)
         with self._cond:
             self._touch(clinic)
+            if privacy is not None:
+                self._record_privacy_locked(clinic, privacy)
             while True:
                 task = self._task_for_locked(clinic)
                 if task is not None or self._stop.is_set():
@@ -331,6 +353,30 @@ class Coordinator:
                 self._cond.wait(min(remaining, 1.0))
                 self._touch(clinic)
             return PollResult(task, *self._published)
+
+    def _record_privacy_locked(self, clinic: str, report: PrivacyReport) -> None:
+        info = self._clinics[clinic]
+        self.metrics.clinic_epsilon_spent.labels(clinic=clinic).set(report.epsilon_spent)
+        self.metrics.clinic_epsilon_remaining.labels(clinic=clinic).set(report.epsilon_remaining)
+        if info.privacy != report:
+            # Only changes go to the ledger, so a polling clinic does not flood it.
+            info.privacy = report
+            running = self._running
+            self.ledger.record_clinic_event(
+                running.state.number if running else None,
+                clinic,
+                "privacy",
+                json.dumps(
+                    {
+                        "status": report.status,
+                        "epsilon_spent": report.epsilon_spent,
+                        "epsilon_max": report.epsilon_max,
+                        "epsilon_remaining": report.epsilon_remaining,
+                        "delta": report.delta,
+                    }
+                ),
+                self._clock(),
+            )
 
     def _task_for_locked(self, clinic: str) -> RoundPlan | None:
         running = self._running
@@ -685,7 +731,8 @@ class Coordinator:
             rounds_finished=self._rounds_finished,
             max_rounds=rc.max_rounds,
             last_finished_at=self._last_finished_at,
-            interval_s=rc.interval_s,
+            interval_s=max(rc.interval_s, rc.retry_after_abort_s)
+            if self._last_outcome == "aborted" else rc.interval_s,
             requested=self._round_requested,
         ):
             return
@@ -706,6 +753,7 @@ class Coordinator:
             min_clinics=rc.min_clinics,
             cohort=tuple(cohort),
             federation=self.config.federation,
+            dp_noise_multiplier=pc.dp_noise_multiplier or None,
         )
         state = Round.start(
             number=number,
@@ -870,6 +918,7 @@ class Coordinator:
         self._running = None
         self._rounds_finished += 1
         self._last_finished_at = now
+        self._last_outcome = outcome
         self._cond.notify_all()
 
     def _checkpoint_metadata(self, round_number: int, parent: str) -> dict[str, str]:

@@ -128,7 +128,10 @@ class MaskedUpload:
 
     def write(self, chunk: bytes | bytearray | memoryview | UInt32Array) -> None:
         """Append the next chunk: little-endian uint32 bytes, or a 1-D uint32 array."""
-        if self.state != "open" or self._buffer is None:
+        # Take the buffer once: a concurrent discard (stage closed under the coordinator's
+        # lock) then only drops our reference, and this write lands in a dead buffer.
+        buffer = self._buffer
+        if self.state != "open" or buffer is None:
             raise StaleRoundError(
                 f"upload of {self.clinic_id!r} is {self.state}; it no longer accepts chunks"
             )
@@ -151,7 +154,7 @@ class MaskedUpload:
             raise PayloadTooLargeError(
                 f"masked input of {self.clinic_id!r} exceeds the round's {self.numel} elements"
             )
-        self._buffer[self.received : end] = values
+        buffer[self.received : end] = values
         self.received = end
 
     def discard(self) -> None:

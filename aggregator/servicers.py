@@ -7,12 +7,19 @@ No federation rule lives here; it all sits in :mod:`aggregator.coordinator` and
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from aggregator.coordinator import Coordinator, RoundPlan, RoundView, UploadHeader
+from aggregator.coordinator import (
+    Coordinator,
+    PrivacyReport,
+    RoundPlan,
+    RoundView,
+    UploadHeader,
+)
 from aggregator.metrics import AggregatorMetrics
 from common.errors import (
     DermafedError,
@@ -102,6 +109,7 @@ def plan_to_proto(plan: RoundPlan) -> federation_pb2.RoundPlan:
         cohort=list(plan.cohort),
         stage_deadline=plan.stage_deadline,
         federation=plan.federation,
+        dp_noise_multiplier=plan.dp_noise_multiplier,
     )
 
 
@@ -142,8 +150,22 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
         if remaining is not None:
             # Answer before the caller's deadline so it sees IDLE, not DEADLINE_EXCEEDED.
             wait = max(0.0, min(wait, remaining - 0.5))
+        privacy = None
+        if request.HasField("privacy"):
+            p = request.privacy
+            values = (p.epsilon_spent, p.epsilon_max, p.delta)
+            if not all(math.isfinite(v) and v >= 0 for v in values) or len(p.status) > 32:
+                self._abort(
+                    context,
+                    "Poll",
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "privacy report values must be finite and non-negative",
+                )
+            privacy = PrivacyReport(p.status, p.epsilon_spent, p.epsilon_max, p.delta)
         result = self._call(
-            context, "Poll", lambda: self.coordinator.poll(who.name, request.last_round, wait)
+            context,
+            "Poll",
+            lambda: self.coordinator.poll(who.name, request.last_round, wait, privacy),
         )
         response = federation_pb2.PollResponse(
             published_checkpoint=result.published_checkpoint,

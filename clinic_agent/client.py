@@ -65,9 +65,13 @@ class FederationClient:
     def close(self) -> None:
         self.channel.close()
 
-    def poll(self, last_round: int, wait_s: float) -> Task:
+    def poll(
+        self, last_round: int, wait_s: float, privacy: federation_pb2.PrivacyReport | None = None
+    ) -> Task:
         resp = self.stub.Poll(
-            federation_pb2.PollRequest(wait_ms=int(wait_s * 1000), last_round=last_round),
+            federation_pb2.PollRequest(
+                wait_ms=int(wait_s * 1000), last_round=last_round, privacy=privacy
+            ),
             timeout=wait_s + self.rpc_timeout_s,
         )
         kind = "train" if resp.kind == federation_pb2.PollResponse.TRAIN else "idle"
@@ -107,7 +111,7 @@ class FederationClient:
         specs: Sequence[TensorSpec],
         vector: np.ndarray,
         weight: float,
-        train_loss: float,
+        train_loss: float | None,
         train_seconds: float,
     ) -> int:
         payload = memoryview(encode_f32le(vector))

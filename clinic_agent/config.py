@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clinic_agent.privacy import PrivacyConfig
 from common.config import LoggingSection, MetricsSection, load_config, parse_hostport, require
 
 
@@ -42,6 +43,10 @@ class DataSection:
 @dataclass(frozen=True)
 class StorageSection:
     state_dir: Path
+
+    @property
+    def privacy_ledger(self) -> Path:
+        return self.state_dir / "privacy_ledger.jsonl"
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class ClinicConfig:
     data: DataSection
     storage: StorageSection
     training: TrainingSection = field(default_factory=TrainingSection)
+    # Record-level DP-SGD and the clinic's own budget (set by its privacy officer).
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     network: NetworkSection = field(default_factory=NetworkSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 import threading
@@ -20,8 +21,10 @@ import numpy as np
 
 from clinic_agent.client import RETRYABLE, FederationClient
 from clinic_agent.config import ClinicConfig
+from clinic_agent.dp_training import train_dp
 from clinic_agent.metrics import AgentMetrics
-from clinic_agent.training import TrainConfig, compute_delta, train_local
+from clinic_agent.privacy_guard import PrivacyGuard, Refusal
+from clinic_agent.training import TrainConfig, TrainResult, compute_delta, train_local
 from common.backoff import Backoff
 from common.clipping import clip_l2
 from common.datasets import ImageCache, load_records
@@ -77,6 +80,10 @@ class ClinicAgent:
             rpc_timeout_s=config.network.rpc_timeout_s,
             transfer_timeout_s=config.network.transfer_timeout_s,
         )
+        self.privacy = PrivacyGuard(
+            config.privacy, config.storage.privacy_ledger, config.federation
+        )
+        self._export_privacy()
         self.images = ImageCache()
         self.last_round = 0
         self.history: list[RoundOutcome] = []
@@ -90,7 +97,7 @@ class ClinicAgent:
         log.info("clinic %s polling %s", self.clinic_id, self.config.aggregator.address)
         while not self.stop_event.is_set():
             try:
-                task = self.client.poll(self.last_round, net.poll_wait_s)
+                task = self.client.poll(self.last_round, net.poll_wait_s, self.privacy_report())
             except grpc.RpcError as exc:
                 self.metrics.connected.set(0)
                 delay = backoff.next_delay()
@@ -130,23 +137,34 @@ class ClinicAgent:
             global_state, model_cfg = self._global_model(plan.parent_checkpoint)
             images, labels = self._local_data(model_cfg)
             if len(labels) == 0:
-                self.client.decline(number, "no_data", f"no images under {self.config.data.path}")
-                self.last_round = number
-                self.metrics.rounds.labels(result="declined").inc()
-                return RoundOutcome(number, "declined", "no_data")
+                return self._decline(number, "no_data", f"no images under {self.config.data.path}")
             tcfg = self._train_config(plan)
-            t0 = time.monotonic()
-            result = train_local(
-                model_cfg,
-                global_state,
-                images,
-                labels,
-                tcfg,
-                threads=self.config.training.threads or None,
-            )
+            threads = self.config.training.threads or None
+            if self.privacy.enabled:
+                noise = plan.dp_noise_multiplier if plan.HasField("dp_noise_multiplier") else None
+                decision = self.privacy.decide(len(labels), tcfg.batch_size, tcfg.epochs, noise)
+                self._export_privacy()
+                if isinstance(decision, Refusal):
+                    return self._decline(number, decision.reason, decision.message)
+                self.privacy.charge(decision, round_number=number, parent=plan.parent_checkpoint)
+                self._export_privacy()
+                assert decision.step is not None  # accepted with DP on
+                t0 = time.monotonic()
+                result: TrainResult = train_dp(
+                    model_cfg,
+                    global_state,
+                    images,
+                    labels,
+                    tcfg,
+                    decision.step,
+                    max_grad_norm=decision.max_grad_norm,
+                    threads=threads,
+                )
+            else:
+                t0 = time.monotonic()
+                result = train_local(model_cfg, global_state, images, labels, tcfg, threads=threads)
             train_seconds = time.monotonic() - t0
-            delta = compute_delta(result.state, global_state)
-            vector = flatten(delta)
+            vector = flatten(compute_delta(result.state, global_state))
             if plan.delta_clip_norm > 0:
                 vector, _norm = clip_l2(vector, plan.delta_clip_norm)
                 vector = vector.astype(np.float32)
@@ -155,7 +173,9 @@ class ClinicAgent:
                 specs=specs_of(global_state),
                 vector=vector,
                 weight=float(result.num_examples),
-                train_loss=float(result.mean_loss),
+                # The mean loss is computed on the raw data without noise: under DP it would
+                # leak outside the guarantee, so it is only shared when DP is off.
+                train_loss=None if self.privacy.enabled else float(result.mean_loss),
                 train_seconds=train_seconds,
             )
         except grpc.RpcError as exc:
@@ -183,16 +203,47 @@ class ClinicAgent:
         self.metrics.last_round.set(number)
         self.metrics.last_success.set(time.time())
         log.info(
-            "round %d: trained on %d examples (loss %.4f, %.1fs), uploaded %d bytes",
+            "round %d: trained on %d examples (%.1fs), uploaded %d bytes",
             number,
             result.num_examples,
-            result.mean_loss,
             train_seconds,
             sent,
         )
         return RoundOutcome(
             number, "contributed", "", result.mean_loss, train_seconds, total - train_seconds
         )
+
+    def _decline(self, number: int, reason: str, message: str) -> RoundOutcome:
+        """Tell the aggregator why this clinic sits the round out (machine-readable)."""
+        log.warning("declining round %d: %s (%s)", number, reason, message)
+        self.last_round = number
+        self.metrics.rounds.labels(result="declined").inc()
+        try:
+            self.client.decline(number, reason, message)
+        except grpc.RpcError as exc:
+            log.warning("could not deliver the decline of round %d: %s", number, exc.details())
+        return RoundOutcome(number, "declined", reason)
+
+    def privacy_report(self) -> federation_pb2.PrivacyReport:
+        st = self.privacy.status
+
+        def finite(v: float) -> float:
+            return v if math.isfinite(v) else 0.0
+
+        return federation_pb2.PrivacyReport(
+            status=st.status,
+            epsilon_spent=finite(st.epsilon_spent),
+            epsilon_max=finite(st.epsilon_max),
+            delta=finite(st.delta),
+            noise_multiplier=st.noise_multiplier,
+            max_grad_norm=st.max_grad_norm,
+        )
+
+    def _export_privacy(self) -> None:
+        st = self.privacy.status
+        if math.isfinite(st.epsilon_spent):
+            self.metrics.epsilon_spent.set(st.epsilon_spent)
+            self.metrics.epsilon_remaining.set(st.epsilon_remaining)
 
     def _train_config(self, plan: federation_pb2.RoundPlan) -> TrainConfig:
         t = self.config.training

@@ -26,6 +26,11 @@ def _add_daemon_commands(sub: argparse._SubParsersAction) -> None:
     run = agent_sub.add_parser("run", help="poll the aggregator and train when asked")
     run.add_argument("--config", required=True, help="clinic TOML file")
     run.set_defaults(func=_agent_run)
+    privacy = agent_sub.add_parser(
+        "privacy", help="the clinic's spent differential-privacy budget, round by round")
+    privacy.add_argument("--config", required=True, help="clinic TOML file")
+    privacy.add_argument("--json", action="store_true")
+    privacy.set_defaults(func=_agent_privacy)
 
 
 def _aggregator_serve(args: argparse.Namespace) -> int:
@@ -52,8 +57,14 @@ def _agent_run(args: argparse.Namespace) -> int:
     return run_agent_forever(config)
 
 
+def _agent_privacy(args: argparse.Namespace) -> int:
+    from clinic_agent.privacy_cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from dermafed import cli_admin, cli_data, cli_demo, cli_pki
+    from dermafed import cli_admin, cli_data, cli_demo, cli_pki, cli_report
 
     parser = argparse.ArgumentParser(
         prog="dermafed",
@@ -66,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_daemon_commands(sub)
     cli_admin.register(sub)
     cli_data.register(sub)
+    cli_report.register(sub)
     return parser
 
 

@@ -33,7 +33,7 @@ def test_three_clinics_train_over_mtls_and_every_checkpoint_is_on_disk(federatio
     assert rounds[0].parent == initial and rounds[1].parent == rounds[0].checkpoint
     for rec in rounds:
         assert sorted(rec.contributors) == list(CLINICS)
-        assert rec.train_loss is not None and math.isfinite(rec.train_loss)
+        assert rec.train_loss is None  # under DP-SGD the raw loss is not shared
         assert {"train", "aggregate", "validate"} <= set(rec.stages)
         assert rec.metrics is not None and 0.0 <= rec.metrics["balanced_accuracy"] <= 1.0
         assert "mel" in rec.metrics["sensitivity"]
@@ -85,7 +85,8 @@ def test_round_below_the_minimum_aborts_and_the_next_starts_from_the_last_publis
 
     cfg = federation.aggregator_config(
         rounds=RoundsSection(
-            min_clinics=3, start_when_connected=3, train_deadline_s=4.0, connected_timeout_s=2.0
+            min_clinics=3, start_when_connected=3, train_deadline_s=4.0, connected_timeout_s=2.0,
+            retry_after_abort_s=1.0,
         )
     )
     service = federation.start_aggregator(cfg)

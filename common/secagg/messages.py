@@ -292,7 +292,9 @@ def parse_share_plaintext(
         and len(b_share) == SHARE_BYTES
         and len(s_share) == SHARE_BYTES
     ):
-        raise ShareDecryptionError(f"share from {sender!r} does not carry two {SHARE_BYTES}-byte shares")
+        raise ShareDecryptionError(
+            f"share from {sender!r} does not carry two {SHARE_BYTES}-byte shares"
+        )
     return b_share, s_share
 
 

@@ -41,6 +41,7 @@ class RoundPlan(_message.Message):
     COHORT_FIELD_NUMBER: _builtins.int
     STAGE_DEADLINE_FIELD_NUMBER: _builtins.int
     FEDERATION_FIELD_NUMBER: _builtins.int
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     parent_checkpoint: _builtins.str
     """sha256 (hex) of the global checkpoint the round starts from."""
@@ -59,6 +60,11 @@ class RoundPlan(_message.Message):
     stage_deadline: _builtins.float
     """Unix seconds by which the current stage must be finished."""
     federation: _builtins.str
+    dp_noise_multiplier: _builtins.float
+    """Noise multiplier the aggregator proposes for record-level DP-SGD. A clinic trains with
+    max(this, its own setting) and declines a plan below its floor: noise and budget are
+    the clinic's decision, never the aggregator's.
+    """
     @_builtins.property
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -77,14 +83,56 @@ class RoundPlan(_message.Message):
         cohort: _abc.Iterable[_builtins.str] | None = ...,
         stage_deadline: _builtins.float = ...,
         federation: _builtins.str = ...,
+        dp_noise_multiplier: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier", "dp_noise_multiplier", b"dp_noise_multiplier"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier", "aggregation", b"aggregation", "batch_size", b"batch_size", "cohort", b"cohort", "delta_clip_norm", b"delta_clip_norm", "dp_noise_multiplier", b"dp_noise_multiplier", "federation", b"federation", "fedprox_mu", b"fedprox_mu", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_clinics", b"min_clinics", "optimizer", b"optimizer", "parent_checkpoint", b"parent_checkpoint", "round", b"round", "stage_deadline", b"stage_deadline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dp_noise_multiplier: _TypeAlias = _typing.Literal["dp_noise_multiplier"]  # noqa: Y015
+    _WhichOneofArgType__dp_noise_multiplier: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_noise_multiplier) -> _WhichOneofReturnType__dp_noise_multiplier | None: ...
+
+Global___RoundPlan: _TypeAlias = RoundPlan  # noqa: Y015
+
+@_typing.final
+class PrivacyReport(_message.Message):
+    """What a clinic reports about its own privacy budget (for operators; the clinic enforces it)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    EPSILON_MAX_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    status: _builtins.str
+    """"dp-sgd", "off", "exhausted" (no round fits the budget) or "ledger_error" (the
+    clinic's privacy ledger failed its integrity check; it refuses to train).
+    """
+    epsilon_spent: _builtins.float
+    epsilon_max: _builtins.float
+    delta: _builtins.float
+    noise_multiplier: _builtins.float
+    max_grad_norm: _builtins.float
+    def __init__(
+        self,
+        *,
+        status: _builtins.str = ...,
+        epsilon_spent: _builtins.float = ...,
+        epsilon_max: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        noise_multiplier: _builtins.float = ...,
+        max_grad_norm: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "batch_size", b"batch_size", "cohort", b"cohort", "delta_clip_norm", b"delta_clip_norm", "federation", b"federation", "fedprox_mu", b"fedprox_mu", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_clinics", b"min_clinics", "optimizer", b"optimizer", "parent_checkpoint", b"parent_checkpoint", "round", b"round", "stage_deadline", b"stage_deadline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon_max", b"epsilon_max", "epsilon_spent", b"epsilon_spent", "max_grad_norm", b"max_grad_norm", "noise_multiplier", b"noise_multiplier", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RoundPlan: _TypeAlias = RoundPlan  # noqa: Y015
+Global___PrivacyReport: _TypeAlias = PrivacyReport  # noqa: Y015
 
 @_typing.final
 class PollRequest(_message.Message):
@@ -92,19 +140,23 @@ class PollRequest(_message.Message):
 
     WAIT_MS_FIELD_NUMBER: _builtins.int
     LAST_ROUND_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
     wait_ms: _builtins.int
     """How long the aggregator may hold the call open waiting for work."""
     last_round: _builtins.int
     """The round the agent last finished (or declined), so a completed task is not re-sent."""
+    @_builtins.property
+    def privacy(self) -> Global___PrivacyReport: ...
     def __init__(
         self,
         *,
         wait_ms: _builtins.int = ...,
         last_round: _builtins.int = ...,
+        privacy: Global___PrivacyReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_round", b"last_round", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_round", b"last_round", "privacy", b"privacy", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
