@@ -23,6 +23,8 @@ class ServerSection:
     max_workers: int = 32
     # How long a Poll may be held open; agents ask for less, never more.
     max_poll_wait_s: float = 30.0
+    # Uploads receiving at once; each holds one model-sized buffer until it is committed.
+    max_concurrent_uploads: int = 8
 
     def validate(self) -> None:
         parse_hostport(self.listen, "server.listen")
@@ -34,6 +36,9 @@ class ServerSection:
         require(self.max_update_bytes > 0, "server.max_update_bytes", "must be positive")
         require(self.max_workers >= 4, "server.max_workers", "must be at least 4")
         require(self.max_poll_wait_s > 0, "server.max_poll_wait_s", "must be positive")
+        require(
+            self.max_concurrent_uploads >= 1, "server.max_concurrent_uploads", "must be at least 1"
+        )
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class RoundsSection:
-    aggregation: str = "plain"
+    aggregation: str = "secure"
     min_clinics: int = 2
     max_cohort: int = 100
     # Wait until this many clinics are connected before starting a round (0: min_clinics).
@@ -99,6 +104,9 @@ class RoundsSection:
     # A clinic counts as connected if it polled within this many seconds.
     connected_timeout_s: float = 30.0
     train_deadline_s: float = 1800.0
+    # Deadline of each secure-aggregation stage other than the masked input (which
+    # includes local training and uses train_deadline_s).
+    secagg_stage_deadline_s: float = 60.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -119,6 +127,9 @@ class RoundsSection:
         require(self.max_rounds >= 0, "rounds.max_rounds", "must be >= 0")
         require(self.connected_timeout_s > 0, "rounds.connected_timeout_s", "must be positive")
         require(self.train_deadline_s > 0, "rounds.train_deadline_s", "must be positive")
+        require(
+            self.secagg_stage_deadline_s > 0, "rounds.secagg_stage_deadline_s", "must be positive"
+        )
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,14 @@ class PlanSection:
     learning_rate: float = 0.05
     fedprox_mu: float = 0.0
     batch_size: int = 32
-    delta_clip_norm: float = 0.0
+    # L2 bound on each clinic's whole delta; bounds each clinic's influence and, in secure
+    # rounds, the quantization range (0 = unclipped, plain rounds only).
+    delta_clip_norm: float = 10.0
+    # Secure rounds: the largest FedAvg weight (local example count) a clinic may claim;
+    # larger counts are capped. The weighted mean's rounding error grows with it.
+    weight_max: float = 10000.0
+    # Secure rounds: the training loss travels masked next to the weight, clamped to this.
+    loss_max: float = 20.0
     # Proposed DP-SGD noise multiplier (0: leave it to each clinic's own setting).
     dp_noise_multiplier: float = 0.0
 
@@ -142,6 +160,8 @@ class PlanSection:
         require(self.fedprox_mu >= 0, "plan.fedprox_mu", "must be >= 0")
         require(self.batch_size >= 1, "plan.batch_size", "must be at least 1")
         require(self.delta_clip_norm >= 0, "plan.delta_clip_norm", "must be >= 0 (0 = unclipped)")
+        require(self.weight_max > 0, "plan.weight_max", "must be positive")
+        require(self.loss_max > 0, "plan.loss_max", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -163,13 +183,19 @@ class ValidationSection:
         unknown = sorted(set(self.high_risk) - set(CLASSES))
         require(not unknown, "validation.high_risk", f"unknown class code(s) {unknown}")
         require(0.0 <= self.tolerance <= 1.0, "validation.tolerance", "must be in [0, 1]")
-        require(0.0 <= self.min_balanced_accuracy <= 1.0, "validation.min_balanced_accuracy",
-                "must be in [0, 1]")
+        require(
+            0.0 <= self.min_balanced_accuracy <= 1.0,
+            "validation.min_balanced_accuracy",
+            "must be in [0, 1]",
+        )
 
     def gate_settings(self) -> GateSettings:
-        return GateSettings(enabled=self.gate, high_risk=tuple(self.high_risk),
-                            tolerance=self.tolerance,
-                            min_balanced_accuracy=self.min_balanced_accuracy)
+        return GateSettings(
+            enabled=self.gate,
+            high_risk=tuple(self.high_risk),
+            tolerance=self.tolerance,
+            min_balanced_accuracy=self.min_balanced_accuracy,
+        )
 
 
 @dataclass(frozen=True)
@@ -187,6 +213,17 @@ class AggregatorConfig:
 
     def validate(self) -> None:
         require(bool(self.federation), "federation", "must not be empty")
+        if self.rounds.aggregation == "secure":
+            require(
+                self.plan.delta_clip_norm > 0,
+                "plan.delta_clip_norm",
+                "must be > 0 with secure aggregation (it bounds the quantization range)",
+            )
+            require(
+                self.rounds.min_clinics >= 2,
+                "rounds.min_clinics",
+                "must be at least 2 with secure aggregation",
+            )
 
 
 def load_aggregator_config(path: Path | None, **kwargs: object) -> AggregatorConfig:

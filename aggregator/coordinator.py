@@ -17,26 +17,46 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from cryptography import x509
 
 from aggregator.checkpoints import CheckpointStore
 from aggregator.config import AggregatorConfig
-from aggregator.fedavg import PlainFedAvg, check_weight
 from aggregator.gate import decide
 from aggregator.ledger import Ledger, RoundRecord
 from aggregator.metrics import AggregatorMetrics
+from aggregator.round_modes import (
+    TRAIN_STAGE,
+    PlainMode,
+    RoundMode,
+    SecAggStageData,
+    SecureMode,
+    UploadHeader,
+    UploadSink,
+)
 from aggregator.rounds import Phase, Round, select_cohort, should_start_round
+from aggregator.secagg_server import SecAggAbortedError, SecAggServer
 from aggregator.validation import HoldoutEvaluator
 from common.errors import (
+    BusyError,
     InvalidUpdateError,
     NotFoundError,
-    PayloadTooLargeError,
     PreconditionError,
+    StaleRoundError,
 )
 from common.model import ModelConfig, build_model, initial_state
+from common.secagg.messages import (
+    KeyAdvertisement,
+    Reveal,
+    ShareSubmission,
+    SurvivorSignature,
+    minimum_threshold,
+    plan_quantization,
+)
+from common.secagg.quantize import QuantizationPlan
 from common.tensors import (
     TensorSpec,
-    check_specs,
-    decode_f32le,
     in_order,
     load_checkpoint_bytes,
     specs_of,
@@ -46,7 +66,6 @@ from common.tensors import (
 
 log = logging.getLogger("dermafed.aggregator")
 
-TRAIN_STAGE = "train"
 # Declines carry a machine-readable reason; anything else is folded into "other" so a
 # misbehaving clinic cannot blow up the metric's label cardinality.
 KNOWN_DECLINE_REASONS = frozenset(
@@ -79,6 +98,8 @@ class RoundPlan:
     federation: str
     stage_deadline: float = 0.0
     dp_noise_multiplier: float | None = None
+    threshold: int = 0
+    quantization: QuantizationPlan | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -93,25 +114,35 @@ class RoundPlan:
             "aggregation": self.aggregation,
             "min_clinics": self.min_clinics,
             "dp_noise_multiplier": self.dp_noise_multiplier,
+            "threshold": self.threshold,
+            "quantization": None
+            if self.quantization is None
+            else {
+                "clip_norm": self.quantization.clip_norm,
+                "weight_max": self.quantization.weight_max,
+                "max_clinics": self.quantization.max_clinics,
+                "delta_scale": self.quantization.delta_scale,
+                "weight_scale": self.quantization.weight_scale,
+                "loss_max": self.quantization.loss_max,
+                "loss_scale": self.quantization.loss_scale,
+            },
         }
 
 
 @dataclass(frozen=True)
-class PollResult:
-    task: RoundPlan | None
-    published_checkpoint: str
-    published_round: int
+class RoundTask:
+    """The current stage of a round for one clinic: the plan plus the stage's inputs."""
+
+    plan: RoundPlan
+    stage: str
+    secagg: SecAggStageData | None = None
 
 
 @dataclass(frozen=True)
-class UploadHeader:
-    round: int
-    encoding: str
-    tensors: tuple[TensorSpec, ...]
-    total_bytes: int
-    weight: float
-    train_loss: float | None
-    train_seconds: float
+class PollResult:
+    task: RoundTask | None
+    published_checkpoint: str
+    published_round: int
 
 
 @dataclass(frozen=True)
@@ -142,7 +173,7 @@ class ClinicInfo:
 class RunningRound:
     state: Round
     plan: RoundPlan
-    strategy: PlainFedAvg
+    mode: RoundMode
     # Local training time each clinic reports, to split round time into training vs protocol.
     train_seconds: dict[str, float] = field(default_factory=dict)
     finalizing: bool = False
@@ -233,6 +264,7 @@ class Coordinator:
         store: CheckpointStore,
         metrics: AggregatorMetrics,
         evaluator: HoldoutEvaluator | None = None,
+        ca_cert: x509.Certificate | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
@@ -241,7 +273,12 @@ class Coordinator:
         self.store = store
         self.metrics = metrics
         self.evaluator = evaluator
+        # Secure rounds verify clinic signatures against the federation CA.
+        self.ca_cert = ca_cert
         self._clock = clock
+        # Each upload in flight holds one model-sized buffer; this bounds their number so
+        # the aggregator's memory grows with the model, not with the cohort.
+        self._upload_slots = threading.BoundedSemaphore(config.server.max_concurrent_uploads)
         self._rng = rng or random.Random(config.rounds.seed)
         self._cond = threading.Condition()
         self._clinics: dict[str, ClinicInfo] = {}
@@ -378,13 +415,15 @@ class Coordinator:
                 self._clock(),
             )
 
-    def _task_for_locked(self, clinic: str) -> RoundPlan | None:
+    def _task_for_locked(self, clinic: str) -> RoundTask | None:
         running = self._running
         if running is None or running.finalizing:
             return None
-        if not running.state.is_pending(clinic):
+        st = running.state
+        if not st.is_pending(clinic):
             return None
-        return replace(running.plan, stage_deadline=running.state.deadline)
+        plan = replace(running.plan, stage_deadline=st.deadline)
+        return RoundTask(plan, st.stage, running.mode.stage_data(st.stage, clinic))
 
     def checkpoint_chunks(self, clinic: str, cid: str) -> Iterator[bytes]:
         """Stream a checkpoint the federation has recorded (never an arbitrary file)."""
@@ -395,46 +434,120 @@ class Coordinator:
     def checkpoint_size(self, cid: str) -> int:
         return self.store.size(cid)
 
-    def begin_upload(self, clinic: str, header: UploadHeader) -> int:
-        """Validate an upload's header before any payload is read; returns the byte count."""
-        with self._cond:
-            running = self._running
-            if running is None:
-                raise PreconditionError("no round is running")
-            running.state.check_can_respond(clinic, header.round, TRAIN_STAGE, self._clock())
-        if header.encoding != "f32le":
-            raise InvalidUpdateError(f"encoding {header.encoding!r} is not accepted in plain mode")
-        check_specs(header.tensors, self._specs)
-        expected = total_numel(self._specs) * 4
-        if header.total_bytes != expected:
-            raise InvalidUpdateError(
-                f"header declares {header.total_bytes} bytes, the model needs {expected}"
-            )
-        if expected > self.config.server.max_update_bytes:
-            raise PayloadTooLargeError(
-                f"an update of {expected} bytes exceeds server.max_update_bytes"
-            )
-        check_weight(header.weight, header.train_loss)
-        return expected
+    def begin_upload(self, clinic: str, header: UploadHeader) -> UploadSink:
+        """Check an upload's header before any payload is read; returns where chunks go.
 
-    def complete_upload(self, clinic: str, header: UploadHeader, payload: bytes) -> None:
-        vector = decode_f32le(payload, self._specs)
+        The caller must finish with :meth:`complete_upload` or :meth:`abandon_upload`.
+        """
         with self._cond:
-            running = self._running
-            if running is None:
-                raise PreconditionError("no round is running")
-            # Re-check under the lock: the stage may have closed while the payload streamed.
-            running.state.check_can_respond(clinic, header.round, TRAIN_STAGE, self._clock())
-            running.strategy.add(clinic, vector, header.weight, header.train_loss)
-            running.state.respond(clinic, header.round, TRAIN_STAGE, self._clock())
-            if math.isfinite(header.train_seconds) and header.train_seconds >= 0:
-                running.train_seconds[clinic] = header.train_seconds
-            self.metrics.received_bytes.labels(kind="update").inc(len(payload))
-            self.ledger.record_clinic_event(
-                header.round, clinic, "contributed", f"{len(payload)} bytes", self._clock()
+            running = self._require_round(header.round)
+            running.state.check_can_respond(
+                clinic, header.round, running.mode.upload_stage, self._clock()
             )
+        wait = max(0.0, running.state.deadline - self._clock())
+        if not self._upload_slots.acquire(timeout=min(wait, 60.0)):
+            raise BusyError("too many uploads in flight; retry shortly")
+        try:
+            with self._cond:
+                running = self._require_round(header.round)
+                running.state.check_can_respond(
+                    clinic, header.round, running.mode.upload_stage, self._clock()
+                )
+                return running.mode.begin_upload(clinic, header)
+        except BaseException:
+            self._upload_slots.release()
+            raise
+
+    def abandon_upload(self, sink: UploadSink) -> None:
+        """A broken or refused stream: drop its buffer, nothing reaches the round."""
+        try:
+            with self._cond:
+                sink.discard()
+        finally:
+            self._upload_slots.release()
+
+    def complete_upload(self, clinic: str, header: UploadHeader, sink: UploadSink) -> None:
+        try:
+            if sink.received_bytes != sink.expected_bytes:
+                raise InvalidUpdateError(
+                    f"payload is {sink.received_bytes} bytes, the header declared "
+                    f"{sink.expected_bytes}"
+                )
+            with self._cond:
+                running = self._require_round(header.round)
+                stage = running.mode.upload_stage
+                # Re-check under the lock: the stage may have closed while the payload streamed.
+                running.state.check_can_respond(clinic, header.round, stage, self._clock())
+                running.mode.commit_upload(clinic, header, sink)
+                running.state.respond(clinic, header.round, stage, self._clock())
+                if math.isfinite(header.train_seconds) and header.train_seconds >= 0:
+                    running.train_seconds[clinic] = header.train_seconds
+                self.metrics.received_bytes.labels(kind="update").inc(sink.received_bytes)
+                self.ledger.record_clinic_event(
+                    header.round,
+                    clinic,
+                    "contributed",
+                    f"{sink.received_bytes} bytes",
+                    self._clock(),
+                )
+                self._cond.notify_all()
+        except BaseException:
+            with self._cond:
+                sink.discard()
+            raise
+        finally:
+            self._upload_slots.release()
+        log.info(
+            "round %d: update from %s accepted (%d bytes)",
+            header.round,
+            clinic,
+            sink.received_bytes,
+        )
+
+    def _require_round(self, number: int) -> RunningRound:
+        running = self._running
+        if running is None:
+            raise PreconditionError("no round is running")
+        if running.state.number != number:
+            raise StaleRoundError(f"round {number} is not the running round {running.state.number}")
+        return running
+
+    def _secure_step(
+        self, clinic: str, round_number: int, stage: str, action: Callable[[SecureMode], None]
+    ) -> None:
+        """One secure-aggregation message: stage checks, the server step, then respond."""
+        with self._cond:
+            running = self._require_round(round_number)
+            if not isinstance(running.mode, SecureMode):
+                raise PreconditionError(f"round {round_number} does not use secure aggregation")
+            running.state.check_can_respond(clinic, round_number, stage, self._clock())
+            action(running.mode)
+            running.state.respond(clinic, round_number, stage, self._clock())
             self._cond.notify_all()
-        log.info("round %d: update from %s accepted (%d bytes)", header.round, clinic, len(payload))
+
+    def secagg_advertise(self, clinic: str, adv: KeyAdvertisement, cert_pem: bytes) -> None:
+        self._secure_step(
+            clinic, adv.round_number, "advertise", lambda m: m.advertise(clinic, adv, cert_pem)
+        )
+
+    def secagg_share_keys(self, clinic: str, submission: ShareSubmission) -> None:
+        self._secure_step(
+            clinic,
+            submission.round_number,
+            "share_keys",
+            lambda m: m.submit_shares(clinic, submission),
+        )
+
+    def secagg_sign(self, clinic: str, signature: SurvivorSignature) -> None:
+        self._secure_step(
+            clinic,
+            signature.round_number,
+            "consistency",
+            lambda m: m.submit_signature(clinic, signature),
+        )
+
+    def secagg_reveal(self, clinic: str, reveal: Reveal) -> None:
+        self._secure_step(clinic, reveal.round_number, "unmask", lambda m: m.reveal(clinic, reveal))
 
     def decline(self, clinic: str, round_number: int, reason: str, detail: str) -> None:
         label = reason if reason in KNOWN_DECLINE_REASONS else "other"
@@ -702,6 +815,19 @@ class Coordinator:
             return None
         st = running.state
         while (result := st.tick(now)) is not None:
+            if st.phase is not Phase.ABORTED:
+                try:
+                    # The mode may keep fewer clinics than the stage's responders (secure:
+                    # only uploads that committed are in the sum) or abort below t.
+                    kept = running.mode.close_stage(result.stage, result.responded)
+                except SecAggAbortedError as exc:
+                    st.abort(str(exc))
+                else:
+                    lost = set(st.alive) - kept
+                    if lost:
+                        st.alive = set(kept)
+                        for clinic in sorted(lost):
+                            st.dropped[clinic] = result.stage
             self.ledger.record_stage(st.number, result.stage, result.seconds)
             self.metrics.stage_duration.labels(stage=result.stage).observe(result.seconds)
             for clinic in sorted(result.dropped):
@@ -711,6 +837,7 @@ class Coordinator:
                 )
                 log.warning("round %d: %s dropped out in stage %s", st.number, clinic, result.stage)
         if st.phase is Phase.ABORTED:
+            running.mode.abort(st.abort_reason)
             self._finish_locked(running, "aborted", st.abort_reason, now)
             return None
         if st.phase is Phase.READY:
@@ -732,14 +859,45 @@ class Coordinator:
             max_rounds=rc.max_rounds,
             last_finished_at=self._last_finished_at,
             interval_s=max(rc.interval_s, rc.retry_after_abort_s)
-            if self._last_outcome == "aborted" else rc.interval_s,
+            if self._last_outcome == "aborted"
+            else rc.interval_s,
             requested=self._round_requested,
         ):
             return
         self._round_requested = False
         cohort = select_cohort(connected, rc.max_cohort, self._rng)
         number = self.ledger.next_round_number()
-        pc = self.config.plan
+        try:
+            state, plan, mode = self._new_round(number, cohort, now)
+        except (PreconditionError, InvalidUpdateError, ValueError) as exc:
+            # A plan that cannot be made safe (e.g. too small a cohort for secure
+            # aggregation) is not started; try again after retry_after_abort_s.
+            log.error("round %d not started: %s", number, exc)
+            self._last_finished_at = now
+            self._last_outcome = "aborted"
+            return
+        self.ledger.begin_round(
+            number, self._published[0], rc.aggregation, plan.to_json(), list(cohort), now
+        )
+        for clinic in cohort:
+            self.ledger.record_clinic_event(number, clinic, "selected", "", now)
+        self._running = RunningRound(state, plan, mode)
+        self.metrics.round_number.set(number)
+        self.metrics.round_running.set(1)
+        self.metrics.cohort_size.set(len(cohort))
+        log.info(
+            "round %d started with cohort %s from checkpoint %s",
+            number,
+            ", ".join(cohort),
+            self._published[0][:12],
+        )
+        self._cond.notify_all()
+
+    def _new_round(
+        self, number: int, cohort: list[str], now: float
+    ) -> tuple[Round, RoundPlan, RoundMode]:
+        """The plan, state machine and aggregation mode of a new round."""
+        rc, pc = self.config.rounds, self.config.plan
         plan = RoundPlan(
             round=number,
             parent_checkpoint=self._published[0],
@@ -755,40 +913,55 @@ class Coordinator:
             federation=self.config.federation,
             dp_noise_multiplier=pc.dp_noise_multiplier or None,
         )
+        max_bytes = self.config.server.max_update_bytes
+        mode: RoundMode
+        if rc.aggregation == "secure":
+            if self.ca_cert is None:
+                raise PreconditionError("secure aggregation needs the federation CA certificate")
+            # Unmasking needs t clinics, and 2t > n stops a lying aggregator from splitting
+            # the cohort into two quorums; the round survives dropouts down to t.
+            threshold = max(rc.min_clinics, minimum_threshold(len(cohort)))
+            if threshold > len(cohort):
+                raise PreconditionError(
+                    f"cohort of {len(cohort)} is below the threshold {threshold}"
+                )
+            quant = plan_quantization(
+                pc.delta_clip_norm, len(cohort), weight_max=pc.weight_max, loss_max=pc.loss_max
+            )
+            plan = replace(plan, threshold=threshold, quantization=quant, min_clinics=threshold)
+            server = SecAggServer(
+                self.config.federation,
+                number,
+                cohort,
+                threshold,
+                quant.vector_length(total_numel(self._specs)),
+                quant,
+                self.ca_cert,
+                now=lambda: datetime.fromtimestamp(self._clock(), UTC),
+            )
+            mode = SecureMode(server, self._specs, max_bytes)
+            timeouts = {stage: rc.secagg_stage_deadline_s for stage in mode.stages}
+            timeouts[mode.upload_stage] = rc.train_deadline_s
+        else:
+            mode = PlainMode(self._specs, pc.delta_clip_norm, max_bytes)
+            timeouts = {TRAIN_STAGE: rc.train_deadline_s}
         state = Round.start(
             number=number,
             parent=self._published[0],
             cohort=cohort,
-            min_clinics=rc.min_clinics,
-            stages=(TRAIN_STAGE,),
-            stage_timeouts={TRAIN_STAGE: rc.train_deadline_s},
+            min_clinics=plan.min_clinics,
+            stages=mode.stages,
+            stage_timeouts=timeouts,
             now=now,
         )
-        self.ledger.begin_round(
-            number, self._published[0], rc.aggregation, plan.to_json(), list(cohort), now
-        )
-        for clinic in cohort:
-            self.ledger.record_clinic_event(number, clinic, "selected", "", now)
-        self._running = RunningRound(
-            state, plan, PlainFedAvg(total_numel(self._specs), pc.delta_clip_norm)
-        )
-        self.metrics.round_number.set(number)
-        self.metrics.round_running.set(1)
-        self.metrics.cohort_size.set(len(cohort))
-        log.info(
-            "round %d started with cohort %s from checkpoint %s",
-            number,
-            ", ".join(cohort),
-            self._published[0][:12],
-        )
-        self._cond.notify_all()
+        return state, plan, mode
 
     def _finalize(self, running: RunningRound) -> None:
         """Aggregate, store, evaluate and publish; runs outside the lock (it is slow)."""
         st = running.state
         started = self._clock()
         try:
-            result = running.strategy.result(st.alive)
+            result = running.mode.finalize(st.alive)
             parent_state, _ = self.store.load(st.parent)
             delta = unflatten(result.delta, self._specs)
             new_state = {k: parent_state[k] + delta[k] for k in parent_state}

@@ -66,11 +66,15 @@ def decide(
     failures: list[str] = []
     bal = candidate.get("balanced_accuracy")
     if isinstance(bal, int | float):
-        checks["balanced_accuracy"] = {"candidate": float(bal),
-                                       "floor": settings.min_balanced_accuracy}
+        checks["balanced_accuracy"] = {
+            "candidate": float(bal),
+            "floor": settings.min_balanced_accuracy,
+        }
         if bal < settings.min_balanced_accuracy:
-            failures.append(f"balanced accuracy {bal:.3f} is below the floor "
-                            f"{settings.min_balanced_accuracy:.3f}")
+            failures.append(
+                f"balanced accuracy {bal:.3f} is below the floor "
+                f"{settings.min_balanced_accuracy:.3f}"
+            )
     if published is not None and not published_is_initial:
         for cls in settings.high_risk:
             new = _sensitivity(candidate, cls)
@@ -80,11 +84,12 @@ def decide(
                 continue
             checks[cls] = {"candidate": new, "published": old}
             if new < old - settings.tolerance:
-                failures.append(f"{cls} sensitivity fell from {old:.3f} to {new:.3f} "
-                                f"(tolerance {settings.tolerance:.3f})")
+                failures.append(
+                    f"{cls} sensitivity fell from {old:.3f} to {new:.3f} "
+                    f"(tolerance {settings.tolerance:.3f})"
+                )
     if failures:
         return GateDecision(False, "; ".join(failures), checks)
     if published is None or published_is_initial:
-        return GateDecision(True, "first evaluated model: only the absolute floor applies",
-                            checks)
+        return GateDecision(True, "first evaluated model: only the absolute floor applies", checks)
     return GateDecision(True, "no high-risk sensitivity dropped beyond tolerance", checks)

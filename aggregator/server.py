@@ -83,15 +83,20 @@ def build_service(
             config.model.to_model_config(),
             max_examples=config.validation.max_examples,
         )
+    ca_cert = load_certificate(config.tls.ca_cert)
     coordinator = Coordinator(
-        config, ledger=ledger, store=store, metrics=metrics, evaluator=evaluator
+        config,
+        ledger=ledger,
+        store=store,
+        metrics=metrics,
+        evaluator=evaluator,
+        ca_cert=ca_cert,
     )
     coordinator.open()
     metrics.certificate_expiry.set(
         load_certificate(config.tls.cert).not_valid_after_utc.timestamp()
     )
 
-    ca_cert = load_certificate(config.tls.ca_cert)
     revocations = RevocationList(config.tls.crl, ca_cert)
     auth = PeerAuthenticator(config.federation, revocations)
     server = grpc.server(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -18,10 +18,11 @@ from aggregator.coordinator import (
     PrivacyReport,
     RoundPlan,
     RoundView,
-    UploadHeader,
 )
 from aggregator.metrics import AggregatorMetrics
+from aggregator.round_modes import SecAggStageData, UploadHeader
 from common.errors import (
+    BusyError,
     DermafedError,
     DuplicateSubmissionError,
     IntegrityError,
@@ -33,6 +34,12 @@ from common.errors import (
     StaleRoundError,
 )
 from common.identity import Identity, PeerAuthenticator, RevocationList
+from common.secagg.messages import (
+    KeyAdvertisement,
+    Reveal,
+    ShareSubmission,
+    SurvivorSignature,
+)
 from common.tensors import TensorSpec
 from dermafed.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
 
@@ -50,6 +57,7 @@ _STATUS: list[tuple[type[DermafedError], grpc.StatusCode]] = [
     (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (BusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 T = TypeVar("T")
@@ -95,7 +103,7 @@ class _Base:
 
 
 def plan_to_proto(plan: RoundPlan) -> federation_pb2.RoundPlan:
-    return federation_pb2.RoundPlan(
+    msg = federation_pb2.RoundPlan(
         round=plan.round,
         parent_checkpoint=plan.parent_checkpoint,
         local_epochs=plan.local_epochs,
@@ -110,7 +118,22 @@ def plan_to_proto(plan: RoundPlan) -> federation_pb2.RoundPlan:
         stage_deadline=plan.stage_deadline,
         federation=plan.federation,
         dp_noise_multiplier=plan.dp_noise_multiplier,
+        threshold=plan.threshold,
     )
+    q = plan.quantization
+    if q is not None:
+        msg.quantization.CopyFrom(
+            federation_pb2.QuantizationSpec(
+                clip_norm=q.clip_norm,
+                weight_max=q.weight_max,
+                max_clinics=q.max_clinics,
+                delta_scale=q.delta_scale,
+                weight_scale=q.weight_scale,
+                loss_max=q.loss_max,
+                loss_scale=q.loss_scale,
+            )
+        )
+    return msg
 
 
 def header_from_proto(msg: federation_pb2.UpdateHeader) -> UploadHeader:
@@ -125,6 +148,55 @@ def header_from_proto(msg: federation_pb2.UpdateHeader) -> UploadHeader:
         train_loss=msg.train_loss if msg.HasField("train_loss") else None,
         train_seconds=msg.train_seconds,
     )
+
+
+def peer_certificate_pem(context: grpc.ServicerContext) -> bytes:
+    auth: Any = context.auth_context()
+    pems = auth.get("x509_pem_cert") if auth else None
+    return bytes(pems[0]) if pems else b""
+
+
+def _unique_peers(
+    base: _Base,
+    context: grpc.ServicerContext,
+    method: str,
+    shares: Iterable[federation_pb2.SealedShare],
+) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for share in shares:
+        if share.peer in out:
+            base._abort(
+                context,
+                method,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"clinic {share.peer!r} appears twice",
+            )
+        out[share.peer] = share.ciphertext
+    return out
+
+
+def secagg_task_to_proto(data: SecAggStageData) -> federation_pb2.SecAggTask:
+    msg = federation_pb2.SecAggTask(stage=data.stage)
+    for relayed in data.advertisements:
+        adv = relayed.advertisement
+        msg.advertisements.add(
+            clinic=adv.clinic_id,
+            cipher_public_key=adv.cipher_public_key,
+            mask_public_key=adv.mask_public_key,
+            signature=adv.signature,
+            certificate_pem=relayed.certificate_pem,
+        )
+    if data.shares is not None:
+        for sender, ciphertext in sorted(data.shares.ciphertexts.items()):
+            msg.shares.add(peer=sender, ciphertext=ciphertext)
+    if data.survivors is not None:
+        msg.survivors.extend(data.survivors.survivors)
+    if data.unmask is not None:
+        msg.survivors.extend(data.unmask.survivors)
+        msg.dropped.extend(data.unmask.dropped)
+        for clinic, signature in sorted(data.unmask.signatures.items()):
+            msg.signatures.add(clinic=clinic, signature=signature)
+    return msg
 
 
 class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
@@ -171,12 +243,17 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
             published_checkpoint=result.published_checkpoint,
             published_round=result.published_round,
         )
-        if result.task is None:
+        task = result.task
+        if task is None:
             response.kind = federation_pb2.PollResponse.IDLE
             response.retry_after_ms = 1000
-        else:
+        elif task.secagg is None:
             response.kind = federation_pb2.PollResponse.TRAIN
-            response.plan.CopyFrom(plan_to_proto(result.task))
+            response.plan.CopyFrom(plan_to_proto(task.plan))
+        else:
+            response.kind = federation_pb2.PollResponse.SECAGG
+            response.plan.CopyFrom(plan_to_proto(task.plan))
+            response.secagg.CopyFrom(secagg_task_to_proto(task.secagg))
         return response
 
     def DownloadCheckpoint(
@@ -230,32 +307,84 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
                 f"declared update of {header.total_bytes} bytes exceeds the limit of "
                 f"{self.max_update_bytes}",
             )
-        expected = self._call(
+        sink = self._call(
             context, "UploadUpdate", lambda: self.coordinator.begin_upload(who.name, header)
         )
-        payload = bytearray()
-        for msg in request_iterator:
-            if msg.WhichOneof("part") != "data":
-                self._abort(
-                    context,
-                    "UploadUpdate",
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "only payload chunks may follow the header",
-                )
-            if len(payload) + len(msg.data) > expected:
-                self._abort(
-                    context,
-                    "UploadUpdate",
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"payload exceeds the {expected} bytes the header declared",
-                )
-            payload += msg.data
+        try:
+            for msg in request_iterator:
+                if msg.WhichOneof("part") != "data":
+                    raise InvalidUpdateError("only payload chunks may follow the header")
+                sink.write(msg.data)
+        except DermafedError as exc:
+            self.coordinator.abandon_upload(sink)
+            self._abort(context, "UploadUpdate", status_for(exc), str(exc))
+        except BaseException:
+            # The client vanished mid-stream (or the server is stopping): nothing is kept.
+            self.coordinator.abandon_upload(sink)
+            raise
         self._call(
             context,
             "UploadUpdate",
-            lambda: self.coordinator.complete_upload(who.name, header, bytes(payload)),
+            lambda: self.coordinator.complete_upload(who.name, header, sink),
         )
-        return federation_pb2.UploadReceipt(round=header.round, bytes_received=len(payload))
+        return federation_pb2.UploadReceipt(round=header.round, bytes_received=sink.received_bytes)
+
+    def AdvertiseKeys(
+        self, request: federation_pb2.AdvertiseKeysRequest, context: grpc.ServicerContext
+    ) -> federation_pb2.StageReceipt:
+        who = self._identity(context, "AdvertiseKeys", "clinic")
+        # The certificate relayed to the other clinics is the one this connection
+        # authenticated with, never one the request could name.
+        pem = peer_certificate_pem(context)
+        adv = KeyAdvertisement(
+            round_number=request.round,
+            clinic_id=who.name,
+            cipher_public_key=request.cipher_public_key,
+            mask_public_key=request.mask_public_key,
+            signature=request.signature,
+        )
+        self._call(
+            context, "AdvertiseKeys", lambda: self.coordinator.secagg_advertise(who.name, adv, pem)
+        )
+        return federation_pb2.StageReceipt(round=request.round, stage="advertise")
+
+    def ShareKeys(
+        self, request: federation_pb2.ShareKeysRequest, context: grpc.ServicerContext
+    ) -> federation_pb2.StageReceipt:
+        who = self._identity(context, "ShareKeys", "clinic")
+        ciphertexts = _unique_peers(self, context, "ShareKeys", request.shares)
+        submission = ShareSubmission(
+            round_number=request.round, sender=who.name, ciphertexts=ciphertexts
+        )
+        self._call(
+            context, "ShareKeys", lambda: self.coordinator.secagg_share_keys(who.name, submission)
+        )
+        return federation_pb2.StageReceipt(round=request.round, stage="share_keys")
+
+    def SignSurvivors(
+        self, request: federation_pb2.SignSurvivorsRequest, context: grpc.ServicerContext
+    ) -> federation_pb2.StageReceipt:
+        who = self._identity(context, "SignSurvivors", "clinic")
+        sig = SurvivorSignature(
+            round_number=request.round, clinic_id=who.name, signature=request.signature
+        )
+        self._call(context, "SignSurvivors", lambda: self.coordinator.secagg_sign(who.name, sig))
+        return federation_pb2.StageReceipt(round=request.round, stage="consistency")
+
+    def RevealShares(
+        self, request: federation_pb2.RevealSharesRequest, context: grpc.ServicerContext
+    ) -> federation_pb2.StageReceipt:
+        who = self._identity(context, "RevealShares", "clinic")
+        reveal = Reveal(
+            round_number=request.round,
+            clinic_id=who.name,
+            self_mask_shares=_unique_peers(self, context, "RevealShares", request.self_mask_shares),
+            key_shares=_unique_peers(self, context, "RevealShares", request.key_shares),
+        )
+        self._call(
+            context, "RevealShares", lambda: self.coordinator.secagg_reveal(who.name, reveal)
+        )
+        return federation_pb2.StageReceipt(round=request.round, stage="unmask")
 
     def DeclineRound(
         self, request: federation_pb2.DeclineRequest, context: grpc.ServicerContext

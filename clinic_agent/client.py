@@ -7,7 +7,7 @@ This module only speaks gRPC. Deciding what to do with a task lives in
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -39,6 +39,7 @@ class Task:
     published_checkpoint: str
     published_round: int
     retry_after_s: float
+    secagg: federation_pb2.SecAggTask | None = None
 
 
 class FederationClient:
@@ -74,13 +75,17 @@ class FederationClient:
             ),
             timeout=wait_s + self.rpc_timeout_s,
         )
-        kind = "train" if resp.kind == federation_pb2.PollResponse.TRAIN else "idle"
+        kind = {
+            federation_pb2.PollResponse.TRAIN: "train",
+            federation_pb2.PollResponse.SECAGG: "secagg",
+        }.get(resp.kind, "idle")
         return Task(
             kind,
-            resp.plan if kind == "train" else None,
+            resp.plan if kind != "idle" else None,
             resp.published_checkpoint,
             resp.published_round,
             resp.retry_after_ms / 1000.0,
+            resp.secagg if kind == "secagg" else None,
         )
 
     def download(self, checkpoint: str) -> bytes:
@@ -114,11 +119,48 @@ class FederationClient:
         train_loss: float | None,
         train_seconds: float,
     ) -> int:
+        """A plain round's float32 delta, streamed in 1 MiB chunks."""
         payload = memoryview(encode_f32le(vector))
-        header = federation_pb2.UpdateHeader(
+        header = self._header(
+            round_number,
+            "f32le",
+            specs,
+            len(payload),
+            train_seconds,
+            weight=weight,
+            train_loss=train_loss,
+        )
+        chunks = (bytes(payload[i : i + CHUNK_BYTES]) for i in range(0, len(payload), CHUNK_BYTES))
+        return self._stream(header, chunks)
+
+    def upload_masked(
+        self,
+        *,
+        round_number: int,
+        specs: Sequence[TensorSpec],
+        chunks: Iterable[bytes],
+        total_bytes: int,
+        train_seconds: float,
+    ) -> int:
+        """A secure round's masked ring vector; chunks are generated while they stream."""
+        header = self._header(round_number, "ring_u32le", specs, total_bytes, train_seconds)
+        return self._stream(header, chunks)
+
+    @staticmethod
+    def _header(
+        round_number: int,
+        encoding: str,
+        specs: Sequence[TensorSpec],
+        total_bytes: int,
+        train_seconds: float,
+        *,
+        weight: float = 0.0,
+        train_loss: float | None = None,
+    ) -> federation_pb2.UpdateHeader:
+        return federation_pb2.UpdateHeader(
             round=round_number,
-            encoding="f32le",
-            total_bytes=len(payload),
+            encoding=encoding,
+            total_bytes=total_bytes,
             weight=weight,
             train_loss=train_loss,
             train_seconds=train_seconds,
@@ -128,13 +170,66 @@ class FederationClient:
             ],
         )
 
-        def chunks() -> Iterator[federation_pb2.UpdateChunk]:
+    def _stream(self, header: federation_pb2.UpdateHeader, chunks: Iterable[bytes]) -> int:
+        def messages() -> Iterator[federation_pb2.UpdateChunk]:
             yield federation_pb2.UpdateChunk(header=header)
-            for start in range(0, len(payload), CHUNK_BYTES):
-                yield federation_pb2.UpdateChunk(data=bytes(payload[start : start + CHUNK_BYTES]))
+            for data in chunks:
+                yield federation_pb2.UpdateChunk(data=data)
 
-        receipt = self.stub.UploadUpdate(chunks(), timeout=self.transfer_timeout_s)
+        receipt = self.stub.UploadUpdate(messages(), timeout=self.transfer_timeout_s)
         return int(receipt.bytes_received)
+
+    def advertise_keys(
+        self, round_number: int, cipher_pk: bytes, mask_pk: bytes, signature: bytes
+    ) -> None:
+        self.stub.AdvertiseKeys(
+            federation_pb2.AdvertiseKeysRequest(
+                round=round_number,
+                cipher_public_key=cipher_pk,
+                mask_public_key=mask_pk,
+                signature=signature,
+            ),
+            timeout=self.rpc_timeout_s,
+        )
+
+    def share_keys(self, round_number: int, ciphertexts: Mapping[str, bytes]) -> None:
+        self.stub.ShareKeys(
+            federation_pb2.ShareKeysRequest(
+                round=round_number,
+                shares=[
+                    federation_pb2.SealedShare(peer=p, ciphertext=c)
+                    for p, c in sorted(ciphertexts.items())
+                ],
+            ),
+            timeout=self.rpc_timeout_s,
+        )
+
+    def sign_survivors(self, round_number: int, signature: bytes) -> None:
+        self.stub.SignSurvivors(
+            federation_pb2.SignSurvivorsRequest(round=round_number, signature=signature),
+            timeout=self.rpc_timeout_s,
+        )
+
+    def reveal_shares(
+        self,
+        round_number: int,
+        self_mask_shares: Mapping[str, bytes],
+        key_shares: Mapping[str, bytes],
+    ) -> None:
+        self.stub.RevealShares(
+            federation_pb2.RevealSharesRequest(
+                round=round_number,
+                self_mask_shares=[
+                    federation_pb2.SealedShare(peer=p, ciphertext=c)
+                    for p, c in sorted(self_mask_shares.items())
+                ],
+                key_shares=[
+                    federation_pb2.SealedShare(peer=p, ciphertext=c)
+                    for p, c in sorted(key_shares.items())
+                ],
+            ),
+            timeout=self.rpc_timeout_s,
+        )
 
     def decline(self, round_number: int, reason: str, detail: str) -> None:
         self.stub.DeclineRound(

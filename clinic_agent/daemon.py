@@ -13,7 +13,6 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -23,7 +22,9 @@ from clinic_agent.client import RETRYABLE, FederationClient
 from clinic_agent.config import ClinicConfig
 from clinic_agent.dp_training import train_dp
 from clinic_agent.metrics import AgentMetrics
+from clinic_agent.outcomes import PreparedRound, RoundOutcome, TrainedUpdate
 from clinic_agent.privacy_guard import PrivacyGuard, Refusal
+from clinic_agent.secure_rounds import SecureRounds
 from clinic_agent.training import TrainConfig, TrainResult, compute_delta, train_local
 from common.backoff import Backoff
 from common.clipping import clip_l2
@@ -35,16 +36,6 @@ from common.tensors import flatten, in_order, load_checkpoint_bytes, specs_of
 from dermafed.v1 import federation_pb2
 
 log = logging.getLogger("dermafed.agent")
-
-
-@dataclass(frozen=True)
-class RoundOutcome:
-    round: int
-    result: str  # "contributed" | "declined" | "failed"
-    detail: str = ""
-    train_loss: float | None = None
-    train_seconds: float = 0.0
-    protocol_seconds: float = 0.0
 
 
 class ClinicAgent:
@@ -85,6 +76,7 @@ class ClinicAgent:
         )
         self._export_privacy()
         self.images = ImageCache()
+        self.secure = SecureRounds(self)
         self.last_round = 0
         self.history: list[RoundOutcome] = []
 
@@ -113,9 +105,18 @@ class ClinicAgent:
                 continue
             self.metrics.connected.set(1)
             backoff.reset()
-            if task.kind == "train" and task.plan is not None and task.plan.round > self.last_round:
-                outcome = self.run_round(task.plan)
-                self.history.append(outcome)
+            fresh = task.plan is not None and task.plan.round > self.last_round
+            if task.kind == "train" and task.plan is not None and fresh:
+                self.history.append(self.run_round(task.plan))
+            elif (
+                task.kind == "secagg"
+                and task.plan is not None
+                and task.secagg is not None
+                and fresh
+            ):
+                outcome = self.secure.step(task.plan, task.secagg)
+                if outcome is not None:
+                    self.history.append(outcome)
             else:
                 # The server already held the call for poll_wait_s; a short pause keeps an
                 # idle federation from spinning when the server answers early.
@@ -128,76 +129,109 @@ class ClinicAgent:
     def close(self) -> None:
         self.client.close()
 
-    # -- one round -----------------------------------------------------------------------
+    # -- one plain round -----------------------------------------------------------------
 
     def run_round(self, plan: federation_pb2.RoundPlan) -> RoundOutcome:
+        """A plain round: train and upload the clipped float32 delta."""
         started = time.monotonic()
         number = int(plan.round)
         try:
-            global_state, model_cfg = self._global_model(plan.parent_checkpoint)
-            images, labels = self._local_data(model_cfg)
-            if len(labels) == 0:
-                return self._decline(number, "no_data", f"no images under {self.config.data.path}")
-            tcfg = self._train_config(plan)
-            threads = self.config.training.threads or None
-            if self.privacy.enabled:
-                noise = plan.dp_noise_multiplier if plan.HasField("dp_noise_multiplier") else None
-                decision = self.privacy.decide(len(labels), tcfg.batch_size, tcfg.epochs, noise)
-                self._export_privacy()
-                if isinstance(decision, Refusal):
-                    return self._decline(number, decision.reason, decision.message)
-                self.privacy.charge(decision, round_number=number, parent=plan.parent_checkpoint)
-                self._export_privacy()
-                assert decision.step is not None  # accepted with DP on
-                t0 = time.monotonic()
-                result: TrainResult = train_dp(
-                    model_cfg,
-                    global_state,
-                    images,
-                    labels,
-                    tcfg,
-                    decision.step,
-                    max_grad_norm=decision.max_grad_norm,
-                    threads=threads,
-                )
-            else:
-                t0 = time.monotonic()
-                result = train_local(model_cfg, global_state, images, labels, tcfg, threads=threads)
-            train_seconds = time.monotonic() - t0
-            vector = flatten(compute_delta(result.state, global_state))
-            if plan.delta_clip_norm > 0:
-                vector, _norm = clip_l2(vector, plan.delta_clip_norm)
-                vector = vector.astype(np.float32)
+            prepared = self.prepare(plan)
+            if isinstance(prepared, RoundOutcome):
+                return prepared
+            update = self.train(plan, prepared)
             sent = self.client.upload(
                 round_number=number,
-                specs=specs_of(global_state),
-                vector=vector,
-                weight=float(result.num_examples),
+                specs=prepared.specs,
+                vector=update.vector,
+                weight=float(update.num_examples),
                 # The mean loss is computed on the raw data without noise: under DP it would
-                # leak outside the guarantee, so it is only shared when DP is off.
-                train_loss=None if self.privacy.enabled else float(result.mean_loss),
-                train_seconds=train_seconds,
+                # leak outside the guarantee, so a plain round only shares it with DP off.
+                train_loss=None if self.privacy.enabled else update.mean_loss,
+                train_seconds=update.train_seconds,
             )
         except grpc.RpcError as exc:
-            self.metrics.rounds.labels(result="failed").inc()
-            log.warning("round %d failed: %s: %s", number, exc.code().name, exc.details())
-            if exc.code() not in RETRYABLE:
-                # The aggregator said no (stale round, already uploaded...): do not retry it.
-                self.last_round = number
-            return RoundOutcome(number, "failed", f"{exc.code().name}: {exc.details()}")
+            return self.failed(number, exc)
         except Exception as exc:
-            self.metrics.rounds.labels(result="failed").inc()
-            log.exception("round %d failed locally", number)
-            self.last_round = number
-            return RoundOutcome(number, "failed", str(exc))
-        total = time.monotonic() - started
-        self.last_round = number
-        self.metrics.sent_bytes.inc(sent)
+            return self.failed_locally(number, exc)
+        return self.contributed(number, update, sent, time.monotonic() - started)
+
+    # -- steps shared by plain and secure rounds -----------------------------------------
+
+    def prepare(self, plan: federation_pb2.RoundPlan) -> PreparedRound | RoundOutcome:
+        """Fetch the parent model and the current local data, and ask the privacy guard.
+
+        Returns a :class:`RoundOutcome` when the clinic declines the round.
+        """
+        number = int(plan.round)
+        global_state, model_cfg = self._global_model(plan.parent_checkpoint)
+        images, labels = self._local_data(model_cfg)
+        if len(labels) == 0:
+            return self.decline(number, "no_data", f"no images under {self.config.data.path}")
+        tcfg = self._train_config(plan)
+        decision = None
+        if self.privacy.enabled:
+            noise = plan.dp_noise_multiplier if plan.HasField("dp_noise_multiplier") else None
+            verdict = self.privacy.decide(len(labels), tcfg.batch_size, tcfg.epochs, noise)
+            self._export_privacy()
+            if isinstance(verdict, Refusal):
+                return self.decline(number, verdict.reason, verdict.message)
+            decision = verdict
+        return PreparedRound(
+            global_state, model_cfg, images, labels, tcfg, decision, tuple(specs_of(global_state))
+        )
+
+    def train(self, plan: federation_pb2.RoundPlan, prepared: PreparedRound) -> TrainedUpdate:
+        """Charge the privacy budget (first), train, and form the clipped delta."""
+        threads = self.config.training.threads or None
+        t0 = time.monotonic()
+        result: TrainResult
+        if prepared.decision is not None:
+            # Charged before training starts: a crash from here on can never make the
+            # clinic forget the spending.
+            self.privacy.charge(
+                prepared.decision, round_number=int(plan.round), parent=plan.parent_checkpoint
+            )
+            self._export_privacy()
+            step = prepared.decision.step
+            if step is None:
+                raise RuntimeError("an accepted DP decision must carry its mechanism")
+            result = train_dp(
+                prepared.model_cfg,
+                prepared.global_state,
+                prepared.images,
+                prepared.labels,
+                prepared.tcfg,
+                step,
+                max_grad_norm=prepared.decision.max_grad_norm,
+                threads=threads,
+            )
+        else:
+            result = train_local(
+                prepared.model_cfg,
+                prepared.global_state,
+                prepared.images,
+                prepared.labels,
+                prepared.tcfg,
+                threads=threads,
+            )
+        train_seconds = time.monotonic() - t0
+        vector = flatten(compute_delta(result.state, prepared.global_state))
+        if plan.delta_clip_norm > 0:
+            vector, _norm = clip_l2(vector, plan.delta_clip_norm)
+            vector = vector.astype(np.float32)
         self.metrics.train_loss.set(result.mean_loss)
         self.metrics.examples_per_second.set(result.examples_per_second)
         self.metrics.round_duration.labels(phase="train").observe(train_seconds)
+        return TrainedUpdate(vector, result.num_examples, float(result.mean_loss), train_seconds)
+
+    def contributed(
+        self, number: int, update: TrainedUpdate, sent: int, total_seconds: float
+    ) -> RoundOutcome:
+        self.last_round = number
+        self.metrics.sent_bytes.inc(sent)
         self.metrics.round_duration.labels(phase="protocol").observe(
-            max(0.0, total - train_seconds)
+            max(0.0, total_seconds - update.train_seconds)
         )
         self.metrics.rounds.labels(result="contributed").inc()
         self.metrics.last_round.set(number)
@@ -205,15 +239,34 @@ class ClinicAgent:
         log.info(
             "round %d: trained on %d examples (%.1fs), uploaded %d bytes",
             number,
-            result.num_examples,
-            train_seconds,
+            update.num_examples,
+            update.train_seconds,
             sent,
         )
         return RoundOutcome(
-            number, "contributed", "", result.mean_loss, train_seconds, total - train_seconds
+            number,
+            "contributed",
+            "",
+            update.mean_loss,
+            update.train_seconds,
+            total_seconds - update.train_seconds,
         )
 
-    def _decline(self, number: int, reason: str, message: str) -> RoundOutcome:
+    def failed(self, number: int, exc: grpc.RpcError) -> RoundOutcome:
+        self.metrics.rounds.labels(result="failed").inc()
+        log.warning("round %d failed: %s: %s", number, exc.code().name, exc.details())
+        if exc.code() not in RETRYABLE:
+            # The aggregator said no (stale round, already uploaded...): do not retry it.
+            self.last_round = number
+        return RoundOutcome(number, "failed", f"{exc.code().name}: {exc.details()}")
+
+    def failed_locally(self, number: int, exc: Exception) -> RoundOutcome:
+        self.metrics.rounds.labels(result="failed").inc()
+        log.error("round %d failed locally: %s", number, exc, exc_info=exc)
+        self.last_round = number
+        return RoundOutcome(number, "failed", str(exc))
+
+    def decline(self, number: int, reason: str, message: str) -> RoundOutcome:
         """Tell the aggregator why this clinic sits the round out (machine-readable)."""
         log.warning("declining round %d: %s (%s)", number, reason, message)
         self.last_round = number

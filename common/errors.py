@@ -45,3 +45,7 @@ class PayloadTooLargeError(DermafedError):
 
 class IntegrityError(DermafedError):
     """Stored data failed its integrity check (hash mismatch, truncated file)."""
+
+
+class BusyError(DermafedError):
+    """The service is at a capacity limit right now; the caller should retry later."""

@@ -189,6 +189,8 @@ def evaluate_checkpoint(
     records = load_records(data)
     if not records:
         raise DatasetError(f"{data}: no images to evaluate on")
-    images = (cache or ImageCache()).load(records, size or model_cfg.input_size)
+    images = (cache if cache is not None else ImageCache()).load(
+        records, size or model_cfg.input_size
+    )
     probs = predict_proba(model_cfg, state, images)
     return compute_metrics(labels_of(records), probs)

@@ -106,9 +106,10 @@ def _conv_block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
 class LesionNet(nn.Module):
     """stem -> 4 stages (w, 2w, 4w, 8w channels, each halving the resolution) -> GAP -> FC.
 
-    The first three stages have two 3x3 convolutions, the last one only; a second
-    8w-channel convolution would more than double the parameter count for little gain
-    at 4x4 resolution.
+    One 3x3 convolution per stage. A second one in each of the first three (tried: 1.5x the
+    parameters) learned much more slowly with GroupNorm at small batch sizes; on 2,500
+    HAM10000 images it was still near chance after 3 epochs where this one reached a
+    macro AUROC of about 0.8.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -116,10 +117,8 @@ class LesionNet(nn.Module):
         w = cfg.width
         layers: list[nn.Module] = _conv_block(3, w, stride=1)
         c_in = w
-        for i, c_out in enumerate((w, 2 * w, 4 * w, 8 * w)):
+        for c_out in (w, 2 * w, 4 * w, 8 * w):
             layers += _conv_block(c_in, c_out, stride=2)
-            if i < 3:
-                layers += _conv_block(c_out, c_out, stride=1)
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -174,5 +173,7 @@ def to_input(batch_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     )
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected a (N, S, S, 3) uint8 batch, got {tuple(x.shape)} of {x.dtype}")
+    # Contiguous NCHW, not the channels-last view permute() gives: Opacus's conv
+    # per-example gradients assume contiguous input and silently misread a strided one.
     x = x.permute(0, 3, 1, 2).to(torch.float32)
-    return (x - _MEAN) / _STD
+    return ((x - _MEAN) / _STD).contiguous()

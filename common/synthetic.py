@@ -192,7 +192,7 @@ def _render(lesion: _Lesion, size: int, rng: np.random.Generator) -> np.ndarray:
 
 def _make_lesion(dx: str, rng: np.random.Generator) -> _Lesion:
     (r_lo, r_hi), irregular, _ = _SHAPE[dx]
-    colour = np.array(_BASE_COLOUR[dx]) * rng.uniform(0.8, 1.2) + rng.normal(0, 14, size=3)
+    colour = np.array(_BASE_COLOUR[dx]) * rng.uniform(0.9, 1.1) + rng.normal(0, 8, size=3)
     skin = np.array([222.0, 170.0, 150.0]) * rng.uniform(0.82, 1.08) + rng.normal(0, 8, size=3)
     amps = irregular * rng.uniform(0.3, 1.0, size=5) / np.sqrt(np.arange(1, 6))
     if dx != "mel":

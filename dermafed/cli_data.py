@@ -35,8 +35,12 @@ def _user_errors(func: Handler) -> Handler:
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (DermafedError, ValueError, OSError) as exc:
+        except (DermafedError, ValueError) as exc:
             print(f"dermafed: error: {exc}", file=sys.stderr)
+            return USAGE_ERROR
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"dermafed: error: {where}{exc.strerror or exc}", file=sys.stderr)
             return USAGE_ERROR
 
     return wrapper

@@ -123,6 +123,7 @@ class Federation:
                 start_when_connected=3,
                 max_rounds=0,
                 train_deadline_s=60.0,
+                secagg_stage_deadline_s=15.0,
                 connected_timeout_s=30.0,
             ),
             plan=PlanSection(local_epochs=1, learning_rate=0.05, batch_size=16),

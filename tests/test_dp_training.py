@@ -104,7 +104,7 @@ def test_channels_last_input_gives_the_same_per_example_gradients() -> None:
     """Regression: Opacus 1.6's unfold2d misreads channels_last tensors (to_input's layout)."""
     torch.manual_seed(2)
     images, labels = _data(5, seed=2)
-    x = to_input(images)
+    x = to_input(images).contiguous(memory_format=torch.channels_last)
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     norms = []
     for batch in (x, x.contiguous()):

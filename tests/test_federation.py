@@ -33,8 +33,11 @@ def test_three_clinics_train_over_mtls_and_every_checkpoint_is_on_disk(federatio
     assert rounds[0].parent == initial and rounds[1].parent == rounds[0].checkpoint
     for rec in rounds:
         assert sorted(rec.contributors) == list(CLINICS)
-        assert rec.train_loss is None  # under DP-SGD the raw loss is not shared
-        assert {"train", "aggregate", "validate"} <= set(rec.stages)
+        # Secure aggregation is the default: only the cohort's weighted mean loss is revealed.
+        assert rec.mode == "secure"
+        assert rec.train_loss is not None and math.isfinite(rec.train_loss)
+        stages = {"advertise", "share_keys", "masked_input", "consistency", "unmask"}
+        assert stages | {"local_training", "aggregate", "validate"} <= set(rec.stages)
         assert rec.metrics is not None and 0.0 <= rec.metrics["balanced_accuracy"] <= 1.0
         assert "mel" in rec.metrics["sensitivity"]
         # Content-addressed, complete, and loadable without executing anything.
@@ -60,7 +63,8 @@ def test_a_vanished_agent_is_dropped_and_the_round_completes_with_the_rest(feder
 
     cfg = federation.aggregator_config(
         rounds=RoundsSection(
-            min_clinics=2, start_when_connected=3, train_deadline_s=8.0, max_rounds=1
+            min_clinics=2, start_when_connected=3, train_deadline_s=8.0, max_rounds=1,
+            secagg_stage_deadline_s=8.0,
         )
     )
     service = federation.start_aggregator(cfg)
@@ -85,8 +89,8 @@ def test_round_below_the_minimum_aborts_and_the_next_starts_from_the_last_publis
 
     cfg = federation.aggregator_config(
         rounds=RoundsSection(
-            min_clinics=3, start_when_connected=3, train_deadline_s=4.0, connected_timeout_s=2.0,
-            retry_after_abort_s=1.0,
+            aggregation="plain", min_clinics=3, start_when_connected=3, train_deadline_s=4.0,
+            connected_timeout_s=2.0, retry_after_abort_s=1.0,
         )
     )
     service = federation.start_aggregator(cfg)
@@ -115,10 +119,14 @@ def test_round_below_the_minimum_aborts_and_the_next_starts_from_the_last_publis
 
 @pytest.fixture
 def open_round(federation):
-    from aggregator.config import RoundsSection
+    from aggregator.config import PlanSection, RoundsSection
 
     cfg = federation.aggregator_config(
-        rounds=RoundsSection(min_clinics=2, start_when_connected=2, train_deadline_s=120.0)
+        # Plain rounds: these tests craft float32 uploads by hand.
+        rounds=RoundsSection(
+            aggregation="plain", min_clinics=2, start_when_connected=2, train_deadline_s=120.0
+        ),
+        plan=PlanSection(delta_clip_norm=0.0),  # unclipped: the uploads are crafted
     )
     service = federation.start_aggregator(cfg)
     stubs = _raw_clinics(federation, ("clinic-a", "clinic-b"))
@@ -345,7 +353,9 @@ def test_agent_picks_up_new_cases_between_rounds_without_restart(federation, tmp
 
     add(first)
     cfg = federation.aggregator_config(
-        rounds=RoundsSection(min_clinics=1, start_when_connected=1, train_deadline_s=60.0)
+        rounds=RoundsSection(
+            aggregation="plain", min_clinics=1, start_when_connected=1, train_deadline_s=60.0
+        )
     )
     service = federation.start_aggregator(cfg)
     agent = federation.start_agent(

@@ -157,7 +157,8 @@ def test_settings_that_cannot_give_the_guarantee_are_refused_at_start(tmp_path, 
 def test_spent_epsilon_survives_sigkill_between_training_and_upload(federation, tmp_path):
     """The agent is killed after it charged the round but before its upload landed."""
     cfg = federation.aggregator_config(
-        rounds=RoundsSection(min_clinics=1, start_when_connected=1, train_deadline_s=120.0),
+        rounds=RoundsSection(aggregation="plain", min_clinics=1, start_when_connected=1,
+                             train_deadline_s=120.0),
         # Many local epochs: training takes long enough for the kill to land inside it.
         plan=PlanSection(local_epochs=40, batch_size=8),
     )

@@ -20,17 +20,29 @@ def test_committed_stubs_match_the_protos(tmp_path):
     plugin = shutil.which("protoc-gen-mypy", path=str(Path(sys.executable).parent))
     assert plugin, "protoc-gen-mypy not found next to the interpreter"
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protos'}",
-         f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", f"--mypy_out={tmp_path}",
-         *map(str, protos)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'protos'}",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--mypy_out={tmp_path}",
+            *map(str, protos),
+        ],
+        check=True,
+        capture_output=True,
     )
     generated = sorted(p.relative_to(tmp_path) for p in (tmp_path / "dermafed" / "v1").iterdir())
     committed_dir = ROOT / "dermafed" / "v1"
-    committed = sorted(p.relative_to(ROOT) for p in committed_dir.iterdir()
-                       if p.name != "__init__.py" and p.suffix in (".py", ".pyi"))
+    committed = sorted(
+        p.relative_to(ROOT)
+        for p in committed_dir.iterdir()
+        if p.name != "__init__.py" and p.suffix in (".py", ".pyi")
+    )
     assert [str(p) for p in generated] == [str(p) for p in committed], (
-        "generated and committed stub files differ; run scripts/gen_protos.sh")
+        "generated and committed stub files differ; run scripts/gen_protos.sh"
+    )
     for rel in generated:
         fresh = (tmp_path / rel).read_text()
         stale = (ROOT / rel).read_text()

@@ -42,6 +42,8 @@ class RoundPlan(_message.Message):
     STAGE_DEADLINE_FIELD_NUMBER: _builtins.int
     FEDERATION_FIELD_NUMBER: _builtins.int
     DP_NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     parent_checkpoint: _builtins.str
     """sha256 (hex) of the global checkpoint the round starts from."""
@@ -65,8 +67,14 @@ class RoundPlan(_message.Message):
     max(this, its own setting) and declines a plan below its floor: noise and budget are
     the clinic's decision, never the aggregator's.
     """
+    threshold: _builtins.int
+    """Secure aggregation: unmasking needs `threshold` clinics (2t > cohort size), and every
+    clinic encodes its clipped delta into Z_2^32 with this quantization.
+    """
     @_builtins.property
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def quantization(self) -> Global___QuantizationSpec: ...
     def __init__(
         self,
         *,
@@ -84,16 +92,197 @@ class RoundPlan(_message.Message):
         stage_deadline: _builtins.float = ...,
         federation: _builtins.str = ...,
         dp_noise_multiplier: _builtins.float | None = ...,
+        threshold: _builtins.int = ...,
+        quantization: Global___QuantizationSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier", "dp_noise_multiplier", b"dp_noise_multiplier"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier", "dp_noise_multiplier", b"dp_noise_multiplier", "quantization", b"quantization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier", "aggregation", b"aggregation", "batch_size", b"batch_size", "cohort", b"cohort", "delta_clip_norm", b"delta_clip_norm", "dp_noise_multiplier", b"dp_noise_multiplier", "federation", b"federation", "fedprox_mu", b"fedprox_mu", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_clinics", b"min_clinics", "optimizer", b"optimizer", "parent_checkpoint", b"parent_checkpoint", "round", b"round", "stage_deadline", b"stage_deadline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier", "aggregation", b"aggregation", "batch_size", b"batch_size", "cohort", b"cohort", "delta_clip_norm", b"delta_clip_norm", "dp_noise_multiplier", b"dp_noise_multiplier", "federation", b"federation", "fedprox_mu", b"fedprox_mu", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_clinics", b"min_clinics", "optimizer", b"optimizer", "parent_checkpoint", b"parent_checkpoint", "quantization", b"quantization", "round", b"round", "stage_deadline", b"stage_deadline", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dp_noise_multiplier: _TypeAlias = _typing.Literal["dp_noise_multiplier"]  # noqa: Y015
     _WhichOneofArgType__dp_noise_multiplier: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_noise_multiplier) -> _WhichOneofReturnType__dp_noise_multiplier | None: ...
 
 Global___RoundPlan: _TypeAlias = RoundPlan  # noqa: Y015
+
+@_typing.final
+class QuantizationSpec(_message.Message):
+    """The ring encoding every clinic of a secure round uses; each clinic re-checks that no
+    admissible cohort's sum can overflow before it encodes anything.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    WEIGHT_MAX_FIELD_NUMBER: _builtins.int
+    MAX_CLINICS_FIELD_NUMBER: _builtins.int
+    DELTA_SCALE_FIELD_NUMBER: _builtins.int
+    WEIGHT_SCALE_FIELD_NUMBER: _builtins.int
+    LOSS_MAX_FIELD_NUMBER: _builtins.int
+    LOSS_SCALE_FIELD_NUMBER: _builtins.int
+    clip_norm: _builtins.float
+    weight_max: _builtins.float
+    max_clinics: _builtins.int
+    delta_scale: _builtins.float
+    weight_scale: _builtins.float
+    loss_max: _builtins.float
+    loss_scale: _builtins.float
+    def __init__(
+        self,
+        *,
+        clip_norm: _builtins.float = ...,
+        weight_max: _builtins.float = ...,
+        max_clinics: _builtins.int = ...,
+        delta_scale: _builtins.float = ...,
+        weight_scale: _builtins.float = ...,
+        loss_max: _builtins.float | None = ...,
+        loss_scale: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_loss_max", b"_loss_max", "_loss_scale", b"_loss_scale", "loss_max", b"loss_max", "loss_scale", b"loss_scale"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loss_max", b"_loss_max", "_loss_scale", b"_loss_scale", "clip_norm", b"clip_norm", "delta_scale", b"delta_scale", "loss_max", b"loss_max", "loss_scale", b"loss_scale", "max_clinics", b"max_clinics", "weight_max", b"weight_max", "weight_scale", b"weight_scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__loss_max: _TypeAlias = _typing.Literal["loss_max"]  # noqa: Y015
+    _WhichOneofArgType__loss_max: _TypeAlias = _typing.Literal["_loss_max", b"_loss_max"]  # noqa: Y015
+    _WhichOneofReturnType__loss_scale: _TypeAlias = _typing.Literal["loss_scale"]  # noqa: Y015
+    _WhichOneofArgType__loss_scale: _TypeAlias = _typing.Literal["_loss_scale", b"_loss_scale"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__loss_max) -> _WhichOneofReturnType__loss_max | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__loss_scale) -> _WhichOneofReturnType__loss_scale | None: ...
+
+Global___QuantizationSpec: _TypeAlias = QuantizationSpec  # noqa: Y015
+
+@_typing.final
+class Advertisement(_message.Message):
+    """A clinic's signed key advertisement, relayed with the certificate it connected with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLINIC_FIELD_NUMBER: _builtins.int
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    clinic: _builtins.str
+    cipher_public_key: _builtins.bytes
+    mask_public_key: _builtins.bytes
+    signature: _builtins.bytes
+    certificate_pem: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        clinic: _builtins.str = ...,
+        cipher_public_key: _builtins.bytes = ...,
+        mask_public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        certificate_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "cipher_public_key", b"cipher_public_key", "clinic", b"clinic", "mask_public_key", b"mask_public_key", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Advertisement: _TypeAlias = Advertisement  # noqa: Y015
+
+@_typing.final
+class SealedShare(_message.Message):
+    """An encrypted Shamir share pair (sealed to `peer`, or from `peer` when delivered)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    ciphertext: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        ciphertext: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "peer", b"peer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealedShare: _TypeAlias = SealedShare  # noqa: Y015
+
+@_typing.final
+class SurvivorSignature(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLINIC_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    clinic: _builtins.str
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        clinic: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clinic", b"clinic", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SurvivorSignature: _TypeAlias = SurvivorSignature  # noqa: Y015
+
+@_typing.final
+class SecAggTask(_message.Message):
+    """What a clinic needs for the current stage of a secure round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    ADVERTISEMENTS_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    SURVIVORS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
+    stage: _builtins.str
+    """"advertise" | "share_keys" | "masked_input" | "consistency" | "unmask" """
+    @_builtins.property
+    def advertisements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Advertisement]:
+        """share_keys: everyone who advertised (U1)"""
+
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedShare]:
+        """masked_input: shares sealed to the caller"""
+
+    @_builtins.property
+    def survivors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """consistency, unmask: U3"""
+
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """unmask: U2 minus U3"""
+
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___SurvivorSignature]:
+        """unmask: signatures over U3"""
+
+    def __init__(
+        self,
+        *,
+        stage: _builtins.str = ...,
+        advertisements: _abc.Iterable[Global___Advertisement] | None = ...,
+        shares: _abc.Iterable[Global___SealedShare] | None = ...,
+        survivors: _abc.Iterable[_builtins.str] | None = ...,
+        dropped: _abc.Iterable[_builtins.str] | None = ...,
+        signatures: _abc.Iterable[Global___SurvivorSignature] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertisements", b"advertisements", "dropped", b"dropped", "shares", b"shares", "signatures", b"signatures", "stage", b"stage", "survivors", b"survivors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggTask: _TypeAlias = SecAggTask  # noqa: Y015
 
 @_typing.final
 class PrivacyReport(_message.Message):
@@ -177,6 +366,8 @@ class PollResponse(_message.Message):
         """nothing to do; poll again after retry_after_ms"""
         TRAIN: PollResponse._Kind.ValueType  # 2
         """download parent_checkpoint, train, upload the delta"""
+        SECAGG: PollResponse._Kind.ValueType  # 3
+        """the current stage of a secure round, described by `secagg`"""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: PollResponse.Kind.ValueType  # 0
@@ -184,12 +375,15 @@ class PollResponse(_message.Message):
     """nothing to do; poll again after retry_after_ms"""
     TRAIN: PollResponse.Kind.ValueType  # 2
     """download parent_checkpoint, train, upload the delta"""
+    SECAGG: PollResponse.Kind.ValueType  # 3
+    """the current stage of a secure round, described by `secagg`"""
 
     KIND_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     PUBLISHED_CHECKPOINT_FIELD_NUMBER: _builtins.int
     PUBLISHED_ROUND_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     kind: Global___PollResponse.Kind.ValueType
     retry_after_ms: _builtins.int
     published_checkpoint: _builtins.str
@@ -197,6 +391,8 @@ class PollResponse(_message.Message):
     published_round: _builtins.int
     @_builtins.property
     def plan(self) -> Global___RoundPlan: ...
+    @_builtins.property
+    def secagg(self) -> Global___SecAggTask: ...
     def __init__(
         self,
         *,
@@ -205,10 +401,11 @@ class PollResponse(_message.Message):
         retry_after_ms: _builtins.int = ...,
         published_checkpoint: _builtins.str = ...,
         published_round: _builtins.int = ...,
+        secagg: Global___SecAggTask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "plan", b"plan", "published_checkpoint", b"published_checkpoint", "published_round", b"published_round", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "plan", b"plan", "published_checkpoint", b"published_checkpoint", "published_round", b"published_round", "retry_after_ms", b"retry_after_ms", "secagg", b"secagg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -299,7 +496,10 @@ class UpdateHeader(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     encoding: _builtins.str
-    """"f32le": little-endian float32 values of every tensor in spec order."""
+    """"f32le": little-endian float32 values of every tensor in spec order (plain rounds).
+    "ring_u32le": the masked ring vector of a secure round, little-endian uint32: the
+    quantized weighted delta in spec order, then the weight (and loss) coordinates.
+    """
     total_bytes: _builtins.int
     weight: _builtins.float
     """Aggregation weight (plain mode: the number of local training examples)."""
@@ -421,3 +621,131 @@ class DeclineReceipt(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeclineReceipt: _TypeAlias = DeclineReceipt  # noqa: Y015
+
+@_typing.final
+class AdvertiseKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    cipher_public_key: _builtins.bytes
+    mask_public_key: _builtins.bytes
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        cipher_public_key: _builtins.bytes = ...,
+        mask_public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher_public_key", b"cipher_public_key", "mask_public_key", b"mask_public_key", "round", b"round", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdvertiseKeysRequest: _TypeAlias = AdvertiseKeysRequest  # noqa: Y015
+
+@_typing.final
+class ShareKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedShare]:
+        """one per other advertised clinic, peer = recipient"""
+
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        shares: _abc.Iterable[Global___SealedShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round", b"round", "shares", b"shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareKeysRequest: _TypeAlias = ShareKeysRequest  # noqa: Y015
+
+@_typing.final
+class SignSurvivorsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round", b"round", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignSurvivorsRequest: _TypeAlias = SignSurvivorsRequest  # noqa: Y015
+
+@_typing.final
+class RevealSharesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    SELF_MASK_SHARES_FIELD_NUMBER: _builtins.int
+    KEY_SHARES_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    @_builtins.property
+    def self_mask_shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedShare]:
+        """peer = survivor whose self-mask seed it is"""
+
+    @_builtins.property
+    def key_shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedShare]:
+        """peer = dropped clinic whose mask key it is"""
+
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        self_mask_shares: _abc.Iterable[Global___SealedShare] | None = ...,
+        key_shares: _abc.Iterable[Global___SealedShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_shares", b"key_shares", "round", b"round", "self_mask_shares", b"self_mask_shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealSharesRequest: _TypeAlias = RevealSharesRequest  # noqa: Y015
+
+@_typing.final
+class StageReceipt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    stage: _builtins.str
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        stage: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round", b"round", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageReceipt: _TypeAlias = StageReceipt  # noqa: Y015

@@ -54,6 +54,26 @@ class FederationStub:
                 request_serializer=dermafed_dot_v1_dot_federation__pb2.DeclineRequest.SerializeToString,
                 response_deserializer=dermafed_dot_v1_dot_federation__pb2.DeclineReceipt.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/dermafed.v1.Federation/AdvertiseKeys',
+                request_serializer=dermafed_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_federation__pb2.StageReceipt.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/dermafed.v1.Federation/ShareKeys',
+                request_serializer=dermafed_dot_v1_dot_federation__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_federation__pb2.StageReceipt.FromString,
+                _registered_method=True)
+        self.SignSurvivors = channel.unary_unary(
+                '/dermafed.v1.Federation/SignSurvivors',
+                request_serializer=dermafed_dot_v1_dot_federation__pb2.SignSurvivorsRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_federation__pb2.StageReceipt.FromString,
+                _registered_method=True)
+        self.RevealShares = channel.unary_unary(
+                '/dermafed.v1.Federation/RevealShares',
+                request_serializer=dermafed_dot_v1_dot_federation__pb2.RevealSharesRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_federation__pb2.StageReceipt.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -84,6 +104,31 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation stages (the masked input itself goes through UploadUpdate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignSurvivors(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevealShares(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +151,26 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.DeclineRound,
                     request_deserializer=dermafed_dot_v1_dot_federation__pb2.DeclineRequest.FromString,
                     response_serializer=dermafed_dot_v1_dot_federation__pb2.DeclineReceipt.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=dermafed_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_federation__pb2.StageReceipt.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=dermafed_dot_v1_dot_federation__pb2.ShareKeysRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_federation__pb2.StageReceipt.SerializeToString,
+            ),
+            'SignSurvivors': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignSurvivors,
+                    request_deserializer=dermafed_dot_v1_dot_federation__pb2.SignSurvivorsRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_federation__pb2.StageReceipt.SerializeToString,
+            ),
+            'RevealShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevealShares,
+                    request_deserializer=dermafed_dot_v1_dot_federation__pb2.RevealSharesRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_federation__pb2.StageReceipt.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +281,114 @@ class Federation:
             '/dermafed.v1.Federation/DeclineRound',
             dermafed_dot_v1_dot_federation__pb2.DeclineRequest.SerializeToString,
             dermafed_dot_v1_dot_federation__pb2.DeclineReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Federation/AdvertiseKeys',
+            dermafed_dot_v1_dot_federation__pb2.AdvertiseKeysRequest.SerializeToString,
+            dermafed_dot_v1_dot_federation__pb2.StageReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Federation/ShareKeys',
+            dermafed_dot_v1_dot_federation__pb2.ShareKeysRequest.SerializeToString,
+            dermafed_dot_v1_dot_federation__pb2.StageReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignSurvivors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Federation/SignSurvivors',
+            dermafed_dot_v1_dot_federation__pb2.SignSurvivorsRequest.SerializeToString,
+            dermafed_dot_v1_dot_federation__pb2.StageReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevealShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Federation/RevealShares',
+            dermafed_dot_v1_dot_federation__pb2.RevealSharesRequest.SerializeToString,
+            dermafed_dot_v1_dot_federation__pb2.StageReceipt.FromString,
             options,
             channel_credentials,
             insecure,
