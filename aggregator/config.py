@@ -18,6 +18,9 @@ class ServerSection:
     listen: str = "0.0.0.0:7443"
     # When set, the bound port is written here (useful with port 0 in tests and the demo).
     port_file: str = ""
+    # "HOST:PORT" serving only grpc.health.v1 in plaintext, for Kubernetes gRPC probes
+    # (the kubelet cannot present a client certificate to the mTLS port). Empty: off.
+    health_listen: str = ""
     max_message_bytes: int = 4 * 1024 * 1024
     max_update_bytes: int = 512 * 1024 * 1024
     max_workers: int = 32
@@ -28,6 +31,8 @@ class ServerSection:
 
     def validate(self) -> None:
         parse_hostport(self.listen, "server.listen")
+        if self.health_listen:
+            parse_hostport(self.health_listen, "server.health_listen")
         require(
             self.max_message_bytes >= 64 * 1024,
             "server.max_message_bytes",

@@ -70,12 +70,16 @@ log = logging.getLogger("dermafed.aggregator")
 # misbehaving clinic cannot blow up the metric's label cardinality.
 KNOWN_DECLINE_REASONS = frozenset(
     {
+        # clinic_agent.privacy.DeclineReason values, and the agent's own reasons
         "privacy_budget_exhausted",
         "noise_below_floor",
-        "no_data",
         "dataset_too_small",
-        "incompatible_plan",
-        "shutting_down",
+        "delta_too_large",
+        "invalid_plan",
+        "noise_not_derivable",
+        "accounting_failed",
+        "privacy_ledger_error",
+        "no_data",
     }
 )
 
@@ -329,7 +333,10 @@ class Coordinator:
         last = self.ledger.rounds(limit=1)
         self.metrics.round_number.set(last[0].number if last else 0)
         self.metrics.published_round.set(self._published[1])
-        self.metrics.published_timestamp.set(now)
+        pubs = self.ledger.publications()
+        # When the model last changed (not when this process started): the "no round
+        # published for a long time" alert must survive restarts.
+        self.metrics.published_timestamp.set(pubs[-1].at if pubs else now)
         self._published_metrics = self._metrics_of(cid, state)
         if self._published_metrics:
             self.metrics.set_validation(self._published_metrics)
@@ -356,6 +363,10 @@ class Coordinator:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="rounds", daemon=True)
         self._thread.start()
+
+    def is_alive(self) -> bool:
+        """True while the round loop thread runs (the systemd watchdog's health check)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, reason: str = "aggregator shutting down") -> None:
         self._stop.set()

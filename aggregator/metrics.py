@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from common.secagg.messages import STAGES
+
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
@@ -145,6 +147,13 @@ class AggregatorMetrics:
             self.rounds.labels(outcome=outcome)
         for kind in ("automatic", "admin"):
             self.rollbacks.labels(kind=kind)
+        # Pre-create the label children so increase() sees the first event of each series.
+        for stage in (*STAGES, "train", "aggregate", "validate"):
+            self.stage_duration.labels(stage=stage)
+            self.dropouts.labels(stage=stage)
+        for reason in ("privacy_budget_exhausted", "noise_below_floor", "no_data",
+                       "privacy_ledger_error", "other"):
+            self.declines.labels(reason=reason)
 
     def set_validation(self, metrics: Mapping[str, object]) -> None:
         for name in ("accuracy", "balanced_accuracy", "macro_auroc"):

@@ -13,6 +13,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,9 +26,10 @@ from aggregator.ledger import Ledger
 from aggregator.metrics import AggregatorMetrics
 from aggregator.servicers import AdminServicer, FederationServicer
 from aggregator.validation import HoldoutEvaluator
+from common import systemd
 from common.config import parse_hostport
 from common.identity import PeerAuthenticator, RevocationList
-from common.pki import load_certificate
+from common.pki import certificate_expiry_reader, load_certificate
 from common.tls import SERVER_GRPC_OPTIONS, merge_options, server_credentials
 from dermafed.v1 import admin_pb2_grpc, federation_pb2_grpc
 
@@ -47,6 +49,10 @@ class AggregatorService:
     registry: CollectorRegistry
     ledger: Ledger
     metrics_port: int | None = None
+    # Plaintext grpc.health.v1 only, for kubelet probes (server.health_listen).
+    health_server: grpc.Server | None = None
+    health_port: int | None = None
+    metrics_server: WSGIServer | None = None
 
     @property
     def address(self) -> str:
@@ -61,6 +67,11 @@ class AggregatorService:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.coordinator.stop()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         self.ledger.close()
 
 
@@ -93,9 +104,8 @@ def build_service(
         ca_cert=ca_cert,
     )
     coordinator.open()
-    metrics.certificate_expiry.set(
-        load_certificate(config.tls.cert).not_valid_after_utc.timestamp()
-    )
+    # Read at scrape time: the certificate can be rotated without a restart.
+    metrics.certificate_expiry.set_function(certificate_expiry_reader(config.tls.cert))
 
     revocations = RevocationList(config.tls.crl, ca_cert)
     auth = PeerAuthenticator(config.federation, revocations)
@@ -134,12 +144,14 @@ def build_service(
     if bound == 0:
         raise OSError(f"cannot listen on {config.server.listen}")
     server.start()
+    health_server, health_port = _start_health_server(config, health_servicer)
     if start_rounds:
         coordinator.start()
     # Only now is the ledger open and the port bound: report SERVING to probes.
     for service in ("", FEDERATION_SERVICE, ADMIN_SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = None
+    http_server = None
     if config.metrics.listen:
         mhost, mport = parse_hostport(config.metrics.listen, "metrics.listen")
         http_server, _ = start_http_server(mport, addr=mhost, registry=registry)
@@ -148,8 +160,29 @@ def build_service(
         Path(config.server.port_file).write_text(f"{bound}\n")
     log.info("aggregator for federation %r listening on %s:%d", config.federation, host, bound)
     return AggregatorService(
-        config, coordinator, server, bound, health_servicer, registry, ledger, metrics_port
+        config, coordinator, server, bound, health_servicer, registry, ledger, metrics_port,
+        health_server, health_port, http_server,
     )
+
+
+def _start_health_server(
+    config: AggregatorConfig, servicer: health.HealthServicer
+) -> tuple[grpc.Server | None, int | None]:
+    """Serve only grpc.health.v1, without TLS, where the kubelet's gRPC probe can reach it.
+
+    The federation port demands a client certificate, which the kubelet cannot present.
+    This port exposes nothing but the SERVING/NOT_SERVING status the main server reports.
+    """
+    if not config.server.health_listen:
+        return None, None
+    host, port = parse_hostport(config.server.health_listen, "server.health_listen")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {config.server.health_listen} (server.health_listen)")
+    server.start()
+    return server, bound
 
 
 def serve_forever(config: AggregatorConfig) -> int:
@@ -163,7 +196,12 @@ def serve_forever(config: AggregatorConfig) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    systemd.ready(f"federation {config.federation}: serving on port {service.port}")
+    watchdog = systemd.Watchdog.from_environment(service.coordinator.is_alive)
     done.wait()
+    systemd.stopping("aborting the running round and draining connections")
+    if watchdog is not None:
+        watchdog.stop()
     service.stop()
     log.info("aggregator stopped")
     return 0

@@ -31,8 +31,9 @@ from common.clipping import clip_l2
 from common.datasets import ImageCache, load_records
 from common.identity import identity_from_certificate
 from common.model import ModelConfig, build_model
-from common.pki import load_certificate
+from common.pki import certificate_expiry_reader, load_certificate
 from common.tensors import flatten, in_order, load_checkpoint_bytes, specs_of
+from common.tls import file_stamp
 from dermafed.v1 import federation_pb2
 
 log = logging.getLogger("dermafed.agent")
@@ -58,19 +59,12 @@ class ClinicAgent:
                 f"{config.tls.cert} is a {self.identity.role} certificate, not a clinic certificate"
             )
         self.clinic_id = self.identity.name
-        metrics.certificate_expiry.set(cert.not_valid_after_utc.timestamp())
+        metrics.certificate_expiry.set_function(certificate_expiry_reader(config.tls.cert))
         self.state_dir = config.storage.state_dir
         self.checkpoint_dir = self.state_dir / "checkpoints"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.client = FederationClient(
-            config.aggregator.address,
-            ca_cert=config.tls.ca_cert,
-            cert=config.tls.cert,
-            key=config.tls.key,
-            server_name=config.aggregator.server_name,
-            rpc_timeout_s=config.network.rpc_timeout_s,
-            transfer_timeout_s=config.network.transfer_timeout_s,
-        )
+        self._tls_stamp = file_stamp(config.tls.ca_cert, config.tls.cert, config.tls.key)
+        self.client = self._connect()
         self.privacy = PrivacyGuard(
             config.privacy, config.storage.privacy_ledger, config.federation
         )
@@ -88,6 +82,7 @@ class ClinicAgent:
         backoff = Backoff(net.backoff_initial_s, net.backoff_max_s, self._rng)
         log.info("clinic %s polling %s", self.clinic_id, self.config.aggregator.address)
         while not self.stop_event.is_set():
+            self._follow_certificate_rotation()
             try:
                 task = self.client.poll(self.last_round, net.poll_wait_s, self.privacy_report())
             except grpc.RpcError as exc:
@@ -128,6 +123,44 @@ class ClinicAgent:
 
     def close(self) -> None:
         self.client.close()
+
+    def _connect(self) -> FederationClient:
+        config = self.config
+        return FederationClient(
+            config.aggregator.address,
+            ca_cert=config.tls.ca_cert,
+            cert=config.tls.cert,
+            key=config.tls.key,
+            server_name=config.aggregator.server_name,
+            rpc_timeout_s=config.network.rpc_timeout_s,
+            transfer_timeout_s=config.network.transfer_timeout_s,
+        )
+
+    def _follow_certificate_rotation(self) -> None:
+        """Reconnect with the new files when the clinic's certificate or key was rotated."""
+        tls = self.config.tls
+        stamp = file_stamp(tls.ca_cert, tls.cert, tls.key)
+        if stamp == self._tls_stamp:
+            return
+        try:
+            cert = load_certificate(tls.cert)
+            identity = identity_from_certificate(cert, self.config.federation)
+            fresh = self._connect()
+            secure = SecureRounds(self)
+        except Exception as exc:  # a half-written rotation: keep the old files for now
+            log.warning("certificate files changed but cannot be loaded yet: %s", exc)
+            return
+        if identity.name != self.clinic_id or identity.role != "clinic":
+            log.error("the rotated certificate names %s, not clinic %s; ignoring it",
+                      identity.uri, self.clinic_id)
+            self._tls_stamp = stamp
+            return
+        old, self.client = self.client, fresh
+        old.close()
+        if self.secure._session is None:
+            self.secure = secure  # signing key for future rounds; a running round keeps its own
+        self._tls_stamp = stamp
+        log.info("clinic certificate rotated (serial %x); reconnected", cert.serial_number)
 
     # -- one plain round -----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from clinic_agent.config import ClinicConfig
 from clinic_agent.daemon import ClinicAgent
 from clinic_agent.metrics import AgentMetrics
+from common import systemd
 from common.config import parse_hostport
 
 log = logging.getLogger("dermafed.agent")
@@ -32,9 +33,16 @@ def run_agent_forever(config: ClinicConfig) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    systemd.ready(f"clinic {agent.clinic_id}: polling {config.aggregator.address}")
+    # Pings come from a helper thread; local training holds the main loop for minutes,
+    # so this detects a hung process, not a slow round.
+    watchdog = systemd.Watchdog.from_environment(lambda: not stop.is_set())
     try:
         agent.run()
     finally:
+        systemd.stopping()
+        if watchdog is not None:
+            watchdog.stop()
         agent.close()
     log.info("agent %s stopped", agent.clinic_id)
     return 0

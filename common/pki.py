@@ -29,7 +29,7 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -748,3 +748,25 @@ def verify_peer_signature(
         public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise PeerVerificationError(f"signature by {expected_uri} does not verify") from None
+
+
+def certificate_expiry_reader(path: Path) -> Callable[[], float]:
+    """A callable giving the certificate's expiry (Unix seconds), re-read when the file
+    changes: for a metric that must follow certificate rotation without a restart."""
+    cache: dict[str, Any] = {}
+
+    def read() -> float:
+        try:
+            st = Path(path).stat()
+        except OSError:
+            return float("nan")
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if cache.get("stamp") != stamp:
+            try:
+                cache["value"] = load_certificate(Path(path)).not_valid_after_utc.timestamp()
+            except Exception:  # a half-written file during rotation: keep the last value
+                cache.setdefault("value", float("nan"))
+            cache["stamp"] = stamp
+        return float(cache["value"])
+
+    return read

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from dermafed.demo import DemoOptions, run_demo
@@ -44,14 +45,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--max-images", type=int, default=0, help="use at most this many images of --data (0: all)"
     )
-    demo.add_argument("--aggregation", choices=("plain", "secure"), default="plain")
+    demo.add_argument(
+        "--aggregation",
+        choices=("plain", "secure"),
+        default="secure",
+        help="secure (pairwise-masked, the default) or plain FedAvg",
+    )
+    demo.add_argument(
+        "--no-dp",
+        dest="dp",
+        action="store_false",
+        help="train without differential privacy (DP-SGD is on by default)",
+    )
+    demo.add_argument(
+        "--epsilon-max", type=float, default=8.0, help="each clinic's privacy budget (default 8)"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.clinics < 1 or args.rounds < 1:
-        print("dermafed demo: --clinics and --rounds must be at least 1")
+        print("dermafed demo: --clinics and --rounds must be at least 1", file=sys.stderr)
+        return 2
+    if args.aggregation == "secure" and args.clinics < 2:
+        print(
+            "dermafed demo: secure aggregation needs at least 2 clinics "
+            "(use --aggregation plain for one)",
+            file=sys.stderr,
+        )
         return 2
     opts = DemoOptions(
         clinics=args.clinics,
@@ -64,6 +86,8 @@ def _run(args: argparse.Namespace) -> int:
         input_size=args.image_size,
         max_images=args.max_images,
         aggregation=args.aggregation,
+        dp=args.dp,
+        epsilon_max=args.epsilon_max,
         seed=args.seed,
     )
     rows = run_demo(opts)

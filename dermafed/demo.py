@@ -43,7 +43,9 @@ class DemoOptions:
     local_epochs: int = 2
     learning_rate: float = 0.05
     input_size: int = 64
-    aggregation: str = "plain"
+    aggregation: str = "secure"
+    dp: bool = True
+    epsilon_max: float = 8.0
     max_images: int = 0
     seed: int = 0
     round_timeout_s: float = 1800.0
@@ -62,6 +64,7 @@ class RoundRow:
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    gate: str = ""
 
 
 def _toml_value(value: object) -> str:
@@ -138,7 +141,8 @@ def write_configs(
             "model": {"input_size": opts.input_size, "seed": opts.seed},
             "rounds": {
                 "aggregation": opts.aggregation,
-                "min_clinics": max(1, len(clinics) - 1),
+                # Secure aggregation needs at least 2 survivors (and 2t > cohort).
+                "min_clinics": max(2 if opts.aggregation == "secure" else 1, len(clinics) - 1),
                 "start_when_connected": len(clinics),
                 "max_rounds": opts.rounds,
                 "train_deadline_s": opts.round_timeout_s,
@@ -164,6 +168,10 @@ def write_configs(
                 "data": {"path": shards / f"clinic-{i}.csv"},
                 "storage": {"state_dir": workdir / "state" / clinic},
                 "training": {"threads": opts.threads_per_clinic, "seed": opts.seed},
+                # Each clinic's privacy officer sets its own budget; DP-SGD by default.
+                "privacy": {"mode": "dp-sgd", "epsilon_max": opts.epsilon_max}
+                if opts.dp
+                else {"mode": "off"},
                 "network": {"poll_wait_s": 5.0, "backoff_max_s": 5.0},
             },
         )
@@ -251,6 +259,7 @@ def _row(rs: admin_pb2.RoundSummary) -> RoundRow:
         seconds=max(0.0, rs.finished_at - rs.started_at),
         stage_seconds=dict(rs.stage_seconds),
         reason=rs.reason,
+        gate=rs.gate,
     )
 
 
@@ -259,14 +268,15 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 TABLE_HEADER = (
-    f"{'round':>5}  {'outcome':<9}  {'clinics':>7}  {'train loss':>10}  "
+    f"{'round':>5}  {'outcome':<9}  {'gate':<6}  {'clinics':>7}  {'train loss':>10}  "
     f"{'accuracy':>8}  {'bal. acc':>8}  {'mel sens':>8}  {'seconds':>8}"
 )
 
 
 def format_row(row: RoundRow) -> str:
     return (
-        f"{row.round:>5}  {row.outcome:<9}  {row.clinics:>7}  {_fmt(row.train_loss):>10}  "
+        f"{row.round:>5}  {row.outcome:<9}  {row.gate or '-':<6}  {row.clinics:>7}  "
+        f"{_fmt(row.train_loss):>10}  "
         f"{_fmt(row.accuracy):>8}  {_fmt(row.balanced_accuracy):>8}  "
         f"{_fmt(row.mel_sensitivity):>8}  {row.seconds:>8.1f}"
     )
@@ -365,45 +375,47 @@ def _wait_for_port(port_file: Path, fed: Federation, timeout: float = 120.0) -> 
 def _follow_rounds(
     opts: DemoOptions, fed: Federation, admin_config: object, out: Callable[[str], None]
 ) -> list[RoundRow]:
+    """Print progress and one table row per finished round, through the admin API."""
     client = AdminClient(admin_config)  # type: ignore[arg-type]
     rows: dict[int, RoundRow] = {}
     last_state = ""
-    header_printed = False
     started = time.monotonic()
     try:
         while True:
             fed.check_alive()
             try:
                 st = client.status()
+                finished = [r for r in client.rounds(limit=opts.rounds + 10).rounds if r.outcome]
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     time.sleep(0.5)
                     continue
                 raise
+            state = ""
             if st.HasField("current_round"):
                 cur = st.current_round
-                state = f"round {cur.round}: {cur.state}"
-                if state != last_state:
-                    out(f"  ... {state} (cohort {', '.join(cur.cohort)})")
-                    last_state = state
-            elif not st.connected_clinics or len(st.connected_clinics) < opts.clinics:
+                state = f"round {cur.round}: {cur.state} (cohort {', '.join(cur.cohort)})"
+            elif len(st.connected_clinics) < opts.clinics:
                 state = f"waiting for clinics ({len(st.connected_clinics)}/{opts.clinics})"
-                if state != last_state:
-                    out(f"  ... {state}")
-                    last_state = state
-            if st.HasField("last_round") and st.last_round.round not in rows:
-                row = _row(st.last_round)
-                rows[row.round] = row
-                if not header_printed:
-                    out("")
-                    out(TABLE_HEADER)
-                    header_printed = True
-                out(format_row(row) + (f"  ({row.reason})" if row.reason else ""))
-            if (
-                st.rounds_completed >= opts.rounds
-                and st.last_round.round in rows
-                and not st.HasField("current_round")
-            ):
+            if state and state != last_state:
+                out(f"  ... {state}")
+                last_state = state
+            for summary in sorted(finished, key=lambda r: r.round):
+                if summary.round in rows:
+                    continue
+                row = rows[summary.round] = _row(summary)
+                out(
+                    f"  ... round {row.round}: {row.outcome}"
+                    + (
+                        f", balanced accuracy {row.balanced_accuracy:.3f}"
+                        if row.balanced_accuracy is not None
+                        else ""
+                    )
+                    + (f" ({row.reason})" if row.reason else "")
+                )
+                last_state = ""
+            if st.rounds_completed >= opts.rounds and not st.HasField("current_round"):
+                clinics = client.clinics().clinics
                 break
             if time.monotonic() - started > opts.round_timeout_s * max(1, opts.rounds) + 120:
                 raise RuntimeError("the demo did not finish in time")
@@ -412,9 +424,25 @@ def _follow_rounds(
         client.close()
     ordered = [rows[k] for k in sorted(rows)]
     out("")
+    out(format_table(ordered))
     total = sum(r.seconds for r in ordered)
     train = sum(r.stage_seconds.get("local_training", 0.0) for r in ordered)
     if total > 0:
-        out(f"wall time {total:.1f}s in rounds: {train:.1f}s local training (slowest clinic per "
-            f"round), {total - train:.1f}s protocol, aggregation, validation and publishing")
+        out(
+            f"wall time {total:.1f}s in rounds: {train:.1f}s local training (slowest clinic per "
+            f"round), {total - train:.1f}s protocol, aggregation, validation and publishing"
+        )
+    for c in clinics:
+        if c.HasField("epsilon_spent"):
+            left = f", {c.epsilon_remaining:.2f} left" if c.HasField("epsilon_remaining") else ""
+            out(
+                f"privacy   {c.clinic}: spent epsilon {c.epsilon_spent:.2f}{left} "
+                f"({c.rounds_contributed} round(s), {c.declines} declined)"
+            )
     return ordered
+
+
+def format_table(rows: Sequence[RoundRow]) -> str:
+    lines = [TABLE_HEADER]
+    lines += [format_row(r) + (f"  ({r.reason})" if r.reason else "") for r in rows]
+    return "\n".join(lines)
