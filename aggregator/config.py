@@ -156,9 +156,15 @@ class PlanSection:
     loss_max: float = 20.0
     # Proposed DP-SGD noise multiplier (0: leave it to each clinic's own setting).
     dp_noise_multiplier: float = 0.0
+    # Clinic-level (distributed) DP: noise multiplier z on each clipped delta, calibrated
+    # so any t survivors together carry N(0, (z·C)²). 0: off. Needs delta_clip_norm > 0.
+    clinic_noise_multiplier: float = 0.0
 
     def validate(self) -> None:
         require(self.dp_noise_multiplier >= 0, "plan.dp_noise_multiplier", "must be >= 0")
+        require(self.clinic_noise_multiplier >= 0, "plan.clinic_noise_multiplier", "must be >= 0")
+        require(self.clinic_noise_multiplier == 0 or self.delta_clip_norm > 0,
+                "plan.clinic_noise_multiplier", "needs plan.delta_clip_norm > 0")
         require(self.local_epochs >= 1, "plan.local_epochs", "must be at least 1")
         require(self.optimizer in ("sgd", "adam"), "plan.optimizer", "must be 'sgd' or 'adam'")
         require(self.learning_rate > 0, "plan.learning_rate", "must be positive")

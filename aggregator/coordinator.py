@@ -38,6 +38,7 @@ from aggregator.round_modes import (
 from aggregator.rounds import Phase, Round, select_cohort, should_start_round
 from aggregator.secagg_server import SecAggAbortedError, SecAggServer
 from aggregator.validation import HoldoutEvaluator
+from common.clipping import clinic_noise_std
 from common.errors import (
     BusyError,
     InvalidUpdateError,
@@ -54,7 +55,7 @@ from common.secagg.messages import (
     minimum_threshold,
     plan_quantization,
 )
-from common.secagg.quantize import QuantizationPlan
+from common.secagg.quantize import QuantizationPlan, noised_norm_bound
 from common.tensors import (
     TensorSpec,
     in_order,
@@ -104,6 +105,8 @@ class RoundPlan:
     dp_noise_multiplier: float | None = None
     threshold: int = 0
     quantization: QuantizationPlan | None = None
+    clinic_noise_multiplier: float = 0.0
+    upload_norm_bound: float = 0.0
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -119,6 +122,8 @@ class RoundPlan:
             "min_clinics": self.min_clinics,
             "dp_noise_multiplier": self.dp_noise_multiplier,
             "threshold": self.threshold,
+            "clinic_noise_multiplier": self.clinic_noise_multiplier,
+            "upload_norm_bound": self.upload_norm_bound,
             "quantization": None
             if self.quantization is None
             else {
@@ -936,10 +941,18 @@ class Coordinator:
                 raise PreconditionError(
                     f"cohort of {len(cohort)} is below the threshold {threshold}"
                 )
+            bound = self._upload_bound(threshold)
             quant = plan_quantization(
-                pc.delta_clip_norm, len(cohort), weight_max=pc.weight_max, loss_max=pc.loss_max
+                bound, len(cohort), weight_max=pc.weight_max, loss_max=pc.loss_max
             )
-            plan = replace(plan, threshold=threshold, quantization=quant, min_clinics=threshold)
+            plan = replace(
+                plan,
+                threshold=threshold,
+                quantization=quant,
+                min_clinics=threshold,
+                clinic_noise_multiplier=pc.clinic_noise_multiplier,
+                upload_norm_bound=bound,
+            )
             server = SecAggServer(
                 self.config.federation,
                 number,
@@ -954,7 +967,11 @@ class Coordinator:
             timeouts = {stage: rc.secagg_stage_deadline_s for stage in mode.stages}
             timeouts[mode.upload_stage] = rc.train_deadline_s
         else:
-            mode = PlainMode(self._specs, pc.delta_clip_norm, max_bytes)
+            bound = self._upload_bound(1) if pc.delta_clip_norm > 0 else 0.0
+            plan = replace(
+                plan, clinic_noise_multiplier=pc.clinic_noise_multiplier, upload_norm_bound=bound
+            )
+            mode = PlainMode(self._specs, bound, max_bytes)
             timeouts = {TRAIN_STAGE: rc.train_deadline_s}
         state = Round.start(
             number=number,
@@ -966,6 +983,21 @@ class Coordinator:
             now=now,
         )
         return state, plan, mode
+
+    def _upload_bound(self, threshold: int) -> float:
+        """The L2 norm an upload may have: the clip bound, or with clinic-level noise a bound
+        the noised delta exceeds with probability below 1e-12 (it sizes the quantization)."""
+        pc = self.config.plan
+        if pc.clinic_noise_multiplier <= 0:
+            return pc.delta_clip_norm
+        std = clinic_noise_std(
+            clip=pc.delta_clip_norm,
+            noise_multiplier=pc.clinic_noise_multiplier,
+            threshold_t=threshold,
+        )
+        return noised_norm_bound(
+            clip_norm=pc.delta_clip_norm, noise_std=std, dim=total_numel(self._specs)
+        )
 
     def _finalize(self, running: RunningRound) -> None:
         """Aggregate, store, evaluate and publish; runs outside the lock (it is slow)."""

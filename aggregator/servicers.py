@@ -119,6 +119,8 @@ def plan_to_proto(plan: RoundPlan) -> federation_pb2.RoundPlan:
         federation=plan.federation,
         dp_noise_multiplier=plan.dp_noise_multiplier,
         threshold=plan.threshold,
+        clinic_noise_multiplier=plan.clinic_noise_multiplier,
+        upload_norm_bound=plan.upload_norm_bound,
     )
     q = plan.quantization
     if q is not None:

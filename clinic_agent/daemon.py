@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from clinic_agent.privacy_guard import PrivacyGuard, Refusal
 from clinic_agent.secure_rounds import SecureRounds
 from clinic_agent.training import TrainConfig, TrainResult, compute_delta, train_local
 from common.backoff import Backoff
-from common.clipping import clip_l2
+from common.clipping import add_gaussian_noise, clinic_noise_std, clip_l2
 from common.datasets import ImageCache, load_records
 from common.identity import identity_from_certificate
 from common.model import ModelConfig, build_model
@@ -151,8 +152,11 @@ class ClinicAgent:
             log.warning("certificate files changed but cannot be loaded yet: %s", exc)
             return
         if identity.name != self.clinic_id or identity.role != "clinic":
-            log.error("the rotated certificate names %s, not clinic %s; ignoring it",
-                      identity.uri, self.clinic_id)
+            log.error(
+                "the rotated certificate names %s, not clinic %s; ignoring it",
+                identity.uri,
+                self.clinic_id,
+            )
             self._tls_stamp = stamp
             return
         old, self.client = self.client, fresh
@@ -210,8 +214,18 @@ class ClinicAgent:
             if isinstance(verdict, Refusal):
                 return self.decline(number, verdict.reason, verdict.message)
             decision = verdict
+        clinic_noise = self.privacy.clinic_noise(plan.clinic_noise_multiplier)
+        if isinstance(clinic_noise, Refusal):
+            return self.decline(number, clinic_noise.reason, clinic_noise.message)
         return PreparedRound(
-            global_state, model_cfg, images, labels, tcfg, decision, tuple(specs_of(global_state))
+            global_state,
+            model_cfg,
+            images,
+            labels,
+            tcfg,
+            decision,
+            tuple(specs_of(global_state)),
+            clinic_noise,
         )
 
     def train(self, plan: federation_pb2.RoundPlan, prepared: PreparedRound) -> TrainedUpdate:
@@ -223,7 +237,10 @@ class ClinicAgent:
             # Charged before training starts: a crash from here on can never make the
             # clinic forget the spending.
             self.privacy.charge(
-                prepared.decision, round_number=int(plan.round), parent=plan.parent_checkpoint
+                prepared.decision,
+                round_number=int(plan.round),
+                parent=plan.parent_checkpoint,
+                clinic_noise_multiplier=prepared.clinic_noise,
             )
             self._export_privacy()
             step = prepared.decision.step
@@ -253,10 +270,30 @@ class ClinicAgent:
         if plan.delta_clip_norm > 0:
             vector, _norm = clip_l2(vector, plan.delta_clip_norm)
             vector = vector.astype(np.float32)
+        if prepared.clinic_noise > 0:
+            vector = self._clinic_level_noise(plan, vector, prepared.clinic_noise)
         self.metrics.train_loss.set(result.mean_loss)
         self.metrics.examples_per_second.set(result.examples_per_second)
         self.metrics.round_duration.labels(phase="train").observe(train_seconds)
         return TrainedUpdate(vector, result.num_examples, float(result.mean_loss), train_seconds)
+
+    @staticmethod
+    def _clinic_level_noise(
+        plan: federation_pb2.RoundPlan, vector: np.ndarray, multiplier: float
+    ) -> np.ndarray:
+        """Gaussian noise on the clipped delta so any ``t`` survivors carry N(0, (z·C)²)."""
+        if plan.delta_clip_norm <= 0:
+            raise ValueError("clinic-level noise needs a clip bound (plan.delta_clip_norm)")
+        t = int(plan.threshold) if plan.aggregation == "secure" and plan.threshold else 1
+        std = clinic_noise_std(
+            clip=plan.delta_clip_norm, noise_multiplier=multiplier, threshold_t=t
+        )
+        rng = np.random.default_rng(secrets.randbits(128))  # noise must not be predictable
+        noised = add_gaussian_noise(vector, std, rng)
+        # Post-processing (no privacy cost): the round admits vectors up to
+        # upload_norm_bound, which this noise exceeds with probability below 1e-12.
+        bounded, _ = clip_l2(noised, plan.upload_norm_bound or plan.delta_clip_norm)
+        return bounded.astype(np.float32)
 
     def contributed(
         self, number: int, update: TrainedUpdate, sent: int, total_seconds: float

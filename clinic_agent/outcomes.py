@@ -25,6 +25,7 @@ class PreparedRound:
     tcfg: TrainConfig
     decision: RoundDecision | None  # None when DP is off
     specs: tuple[TensorSpec, ...]
+    clinic_noise: float = 0.0  # clinic-level noise multiplier on the delta (0: none)
 
 
 @dataclass(frozen=True)

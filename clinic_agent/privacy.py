@@ -157,6 +157,10 @@ class PrivacyConfig:
     accountant: str = "rdp"
     noise_floor: float = 0.5
     min_examples: int = 20
+    # Clinic-level (distributed) DP: the least Gaussian noise multiplier z this clinic
+    # requires on its clipped delta, calibrated so any t survivors of a secure round
+    # together carry N(0, (z·C)²). 0: none required (a plan may still ask for it).
+    clinic_noise_multiplier: float = 0.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key of the first setting that is unsafe."""
@@ -181,6 +185,12 @@ class PrivacyConfig:
         if not (math.isfinite(self.noise_floor) and self.noise_floor > 0):
             raise ConfigError(
                 f"privacy.noise_floor: must be a finite number > 0, got {self.noise_floor!r}"
+            )
+        if not (math.isfinite(self.clinic_noise_multiplier)
+                and self.clinic_noise_multiplier >= 0):
+            raise ConfigError(
+                "privacy.clinic_noise_multiplier: must be a finite number >= 0, "
+                f"got {self.clinic_noise_multiplier!r}"
             )
         if isinstance(self.min_examples, bool) or self.min_examples < 1:
             raise ConfigError(

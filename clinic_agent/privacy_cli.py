@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from clinic_agent.config import load_clinic_config
-from clinic_agent.privacy import epsilon_for
+from clinic_agent.privacy import MechanismStep, epsilon_for
 from clinic_agent.privacy_ledger import PrivacyLedger, PrivacyLedgerError
 
 
@@ -56,6 +56,15 @@ def privacy_summary(config_path: Path) -> dict[str, Any]:
     summary.update(
         epsilon_spent=spent, epsilon_remaining=max(0.0, pc.epsilon_max - spent), delta=delta
     )
+    # Clinic-level DP of the noised deltas (whole clinic as the unit, assuming at least t
+    # honest survivors per secure round): one full-batch Gaussian step per noised round.
+    noised = [MechanismStep(e.clinic_noise_multiplier, 1.0, 1)
+              for e in entries if e.clinic_noise_multiplier > 0]
+    summary["clinic_level"] = {
+        "rounds": len(noised),
+        "epsilon": epsilon_for(noised, delta, pc.accountant) if noised else 0.0,
+        "required_noise_multiplier": pc.clinic_noise_multiplier,
+    }
     return summary
 
 
@@ -84,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
         f"spent            ε {summary['epsilon_spent']:.3f}, "
         f"left {summary['epsilon_remaining']:.3f}"
     )
+    cl = summary.get("clinic_level")
+    if cl and cl["rounds"]:
+        print(f"clinic level     ε {cl['epsilon']:.3f} over {cl['rounds']} noised round(s) "
+              "(the clinic as a whole; needs t honest survivors per round)")
     if summary["rounds"]:
         print()
         print(

@@ -100,6 +100,22 @@ class PrivacyGuard:
             detail=detail,
         )
 
+    def clinic_noise(self, plan_multiplier: float) -> float | Refusal:
+        """The clinic-level noise multiplier to add to the delta this round.
+
+        The plan's value is used (the aggregator sized the round's quantization for it); a
+        plan with less than this clinic's own requirement is declined, never silently
+        over-noised, since the extra noise would be clipped away by the round's bound.
+        """
+        own = self.config.clinic_noise_multiplier
+        if plan_multiplier < own:
+            return Refusal(
+                "noise_below_floor",
+                f"plan clinic-level noise multiplier {plan_multiplier} is below "
+                f"this clinic's privacy.clinic_noise_multiplier {own}",
+            )
+        return plan_multiplier
+
     def decide(
         self, n_examples: int, batch_size: int, epochs: int, plan_noise: float | None
     ) -> RoundDecision | Refusal:
@@ -120,7 +136,14 @@ class PrivacyGuard:
             return Refusal(reason, decision.message)
         return decision
 
-    def charge(self, decision: RoundDecision, *, round_number: int, parent: str) -> None:
+    def charge(
+        self,
+        decision: RoundDecision,
+        *,
+        round_number: int,
+        parent: str,
+        clinic_noise_multiplier: float = 0.0,
+    ) -> None:
         """Record the round as spent *before* training starts (a crash cannot undo it)."""
         if decision.step is None:
             return  # DP off: nothing to charge
@@ -129,6 +152,7 @@ class PrivacyGuard:
             round=round_number,
             round_id=f"{round_number}:{parent[:16]}",
             federation=self.federation,
+            clinic_noise_multiplier=clinic_noise_multiplier,
         )
         self._ledger().commit(entry)
         after = float(decision.epsilon_after or 0.0)

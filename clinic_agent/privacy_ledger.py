@@ -74,6 +74,8 @@ class LedgerEntry:
     accountant: str = "rdp"
     at: str = ""
     status: str = STATUS_COMMITTED
+    # Clinic-level noise multiplier on the delta this round (0: none).
+    clinic_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         def is_int(v: Any) -> bool:
@@ -105,6 +107,8 @@ class LedgerEntry:
             raise ValueError(f"ledger entry epsilon_after must be >= 0, got {self.epsilon_after!r}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"ledger entry accountant must be one of {ACCOUNTANTS}")
+        if not (is_num(self.clinic_noise_multiplier) and self.clinic_noise_multiplier >= 0):
+            raise ValueError("ledger entry clinic_noise_multiplier must be >= 0")
         if self.status != STATUS_COMMITTED:
             raise ValueError(
                 f"ledger entry status must be {STATUS_COMMITTED!r}, got {self.status!r}"
@@ -112,7 +116,7 @@ class LedgerEntry:
 
     @classmethod
     def from_decision(cls, decision: RoundDecision, *, round: int, round_id: str,
-                      federation: str) -> LedgerEntry:
+                      federation: str, clinic_noise_multiplier: float = 0.0) -> LedgerEntry:
         """The entry charging an accepted :func:`~clinic_agent.privacy.plan_round` decision."""
         if not decision.accepted or decision.step is None or decision.delta is None \
                 or decision.epsilon_after is None:
@@ -122,7 +126,7 @@ class LedgerEntry:
             noise_multiplier=decision.step.noise_multiplier,
             sample_rate=decision.step.sample_rate, steps=decision.step.steps,
             delta=decision.delta, epsilon_after=decision.epsilon_after,
-            accountant=decision.accountant,
+            accountant=decision.accountant, clinic_noise_multiplier=clinic_noise_multiplier,
         )
 
     @property

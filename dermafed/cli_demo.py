@@ -61,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--epsilon-max", type=float, default=8.0, help="each clinic's privacy budget (default 8)"
     )
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--keep-running", action="store_true",
+                      help="after the rounds, keep the federation up for `dermafed admin`")
     demo.set_defaults(func=_run)
 
 
@@ -88,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         aggregation=args.aggregation,
         dp=args.dp,
         epsilon_max=args.epsilon_max,
+        keep_running=args.keep_running,
         seed=args.seed,
     )
     rows = run_demo(opts)

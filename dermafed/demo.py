@@ -49,6 +49,7 @@ class DemoOptions:
     max_images: int = 0
     seed: int = 0
     round_timeout_s: float = 1800.0
+    keep_running: bool = False
     threads_per_clinic: int = 1
 
 
@@ -349,6 +350,15 @@ def run_demo(opts: DemoOptions, out: Callable[[str], None] = print) -> list[Roun
             fed.spawn(clinic, ["agent", "run", "--config", str(cfg)])
         out(f"agents    {', '.join(clinics)} started")
         rows = _follow_rounds(opts, fed, load_admin_config(admin_cfg), out)
+        if opts.keep_running:
+            out("")
+            out("the federation keeps running (Ctrl-C stops it); drive it from another terminal:")
+            out(f"  dermafed admin --config {admin_cfg} status")
+            out(f"  dermafed admin --config {admin_cfg} trigger")
+            out(f"  dermafed admin --config {admin_cfg} rounds")
+            while True:
+                fed.check_alive()
+                time.sleep(1.0)
     except KeyboardInterrupt:
         out("\ninterrupted: stopping the federation")
     finally:

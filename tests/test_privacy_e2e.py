@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from federation_harness import CLINICS, Federation
 
@@ -204,3 +205,40 @@ def test_spent_epsilon_survives_sigkill_between_training_and_upload(federation, 
         [*cmd[:4], "privacy", "--config", str(clinic_toml), "--json"],
         capture_output=True, text=True, timeout=60, check=True).stdout)
     assert summary["epsilon_spent"] == pytest.approx(entries[0].epsilon_after, rel=1e-6)
+
+
+def test_clinic_level_noise_is_added_accounted_and_enforced(federation: Federation):
+    """Distributed DP: each survivor adds N(0, (zC)^2/t); a clinic demanding more declines."""
+    cfg = federation.aggregator_config(
+        rounds=RoundsSection(min_clinics=2, start_when_connected=3, max_rounds=1,
+                             train_deadline_s=60.0, secagg_stage_deadline_s=15.0),
+        plan=PlanSection(local_epochs=1, batch_size=8, delta_clip_norm=1.0,
+                         clinic_noise_multiplier=0.5),
+    )
+    service = federation.start_aggregator(cfg)
+    for name in CLINICS:
+        ccfg = federation.clinic_config(name)
+        if name == "clinic-c":  # its privacy officer requires more clinic-level noise
+            ccfg = replace(ccfg, privacy=PrivacyConfig(clinic_noise_multiplier=2.0))
+        federation.start_agent(name, ccfg)
+    federation.wait_rounds(1, timeout=120)
+    rec = service.ledger.round(1)
+    assert rec is not None and rec.outcome == "published"
+    assert sorted(rec.contributors) == ["clinic-a", "clinic-b"]
+    declines = [(e.clinic, (e.detail or "").split(":")[0])
+                for e in service.ledger.clinic_events(round=1) if e.event == "declined"]
+    assert declines == [("clinic-c", "noise_below_floor")]
+    # The plan sized the quantization for the noised norm, not the bare clip bound.
+    assert rec.plan["upload_norm_bound"] > 10 * rec.plan["delta_clip_norm"]
+    # The published update carries the noise: its norm is about z*C*sqrt(d)/sqrt(t) / 2.
+    coord = service.coordinator
+    before, _ = coord.store.load(rec.parent)
+    after, _ = coord.store.load(rec.checkpoint)
+    delta = np.concatenate([(after[k] - before[k]).numpy().ravel() for k in before])
+    d, t = delta.size, rec.plan["threshold"]
+    expected = 0.5 * 1.0 * np.sqrt(d / t) * np.sqrt(2) / 2  # two survivors, mean of two
+    assert 0.7 * expected < np.linalg.norm(delta) < 1.3 * expected + 1.0
+    for name in ("clinic-a", "clinic-b"):
+        entries = PrivacyLedger(federation.tmp / f"{name}-state" / "privacy_ledger.jsonl"
+                                ).entries()
+        assert [e.clinic_noise_multiplier for e in entries] == [0.5]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x65rmafed/v1/federation.proto\x12\x0b\x64\x65rmafed.v1\"\x9e\x03\n\tRoundPlan\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x19\n\x11parent_checkpoint\x18\x02 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x03 \x01(\r\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x12\n\nfedprox_mu\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x17\n\x0f\x64\x65lta_clip_norm\x18\x08 \x01(\x01\x12\x13\n\x0b\x61ggregation\x18\t \x01(\t\x12\x13\n\x0bmin_clinics\x18\n \x01(\r\x12\x0e\n\x06\x63ohort\x18\x0b \x03(\t\x12\x16\n\x0estage_deadline\x18\x0c \x01(\x01\x12\x12\n\nfederation\x18\r \x01(\t\x12 \n\x13\x64p_noise_multiplier\x18\x0e \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tthreshold\x18\x0f \x01(\r\x12\x33\n\x0cquantization\x18\x10 \x01(\x0b\x32\x1d.dermafed.v1.QuantizationSpecB\x16\n\x14_dp_noise_multiplier\"\xc5\x01\n\x10QuantizationSpec\x12\x11\n\tclip_norm\x18\x01 \x01(\x01\x12\x12\n\nweight_max\x18\x02 \x01(\x01\x12\x13\n\x0bmax_clinics\x18\x03 \x01(\r\x12\x13\n\x0b\x64\x65lta_scale\x18\x04 \x01(\x01\x12\x14\n\x0cweight_scale\x18\x05 \x01(\x01\x12\x15\n\x08loss_max\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nloss_scale\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_loss_maxB\r\n\x0b_loss_scale\"\x7f\n\rAdvertisement\x12\x0e\n\x06\x63linic\x18\x01 \x01(\t\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x05 \x01(\x0c\"/\n\x0bSealedShare\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"6\n\x11SurvivorSignature\x12\x0e\n\x06\x63linic\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xd1\x01\n\nSecAggTask\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x32\n\x0e\x61\x64vertisements\x18\x02 \x03(\x0b\x32\x1a.dermafed.v1.Advertisement\x12(\n\x06shares\x18\x03 \x03(\x0b\x32\x18.dermafed.v1.SealedShare\x12\x11\n\tsurvivors\x18\x04 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x05 \x03(\t\x12\x32\n\nsignatures\x18\x06 \x03(\x0b\x32\x1e.dermafed.v1.SurvivorSignature\"\x8b\x01\n\rPrivacyReport\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x15\n\repsilon_spent\x18\x02 \x01(\x01\x12\x13\n\x0b\x65psilon_max\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x05 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x06 \x01(\x01\"_\n\x0bPollRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\r\x12\x12\n\nlast_round\x18\x02 \x01(\x04\x12+\n\x07privacy\x18\x03 \x01(\x0b\x32\x1a.dermafed.v1.PrivacyReport\"\x99\x02\n\x0cPollResponse\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.dermafed.v1.PollResponse.Kind\x12$\n\x04plan\x18\x02 \x01(\x0b\x32\x16.dermafed.v1.RoundPlan\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\x12\x1c\n\x14published_checkpoint\x18\x04 \x01(\t\x12\x17\n\x0fpublished_round\x18\x05 \x01(\x04\x12\'\n\x06secagg\x18\x06 \x01(\x0b\x32\x17.dermafed.v1.SecAggTask\"=\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\n\n\x06SECAGG\x10\x03\"/\n\x19\x44ownloadCheckpointRequest\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\"4\n\x0f\x43heckpointChunk\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xbd\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08\x65ncoding\x18\x02 \x01(\t\x12(\n\x07tensors\x18\x03 \x03(\x0b\x32\x17.dermafed.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\x17\n\ntrain_loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rtrain_seconds\x18\x07 \x01(\x01\x42\r\n\x0b_train_loss\"R\n\x0bUpdateChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.dermafed.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"6\n\rUploadReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\"?\n\x0e\x44\x65\x63lineRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x1f\n\x0e\x44\x65\x63lineReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\"l\n\x14\x41\x64vertiseKeysRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"K\n\x10ShareKeysRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12(\n\x06shares\x18\x02 \x03(\x0b\x32\x18.dermafed.v1.SealedShare\"8\n\x14SignSurvivorsRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x86\x01\n\x13RevealSharesRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x32\n\x10self_mask_shares\x18\x02 \x03(\x0b\x32\x18.dermafed.v1.SealedShare\x12,\n\nkey_shares\x18\x03 \x03(\x0b\x32\x18.dermafed.v1.SealedShare\",\n\x0cStageReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05stage\x18\x02 \x01(\t2\xeb\x04\n\nFederation\x12;\n\x04Poll\x12\x18.dermafed.v1.PollRequest\x1a\x19.dermafed.v1.PollResponse\x12\\\n\x12\x44ownloadCheckpoint\x12&.dermafed.v1.DownloadCheckpointRequest\x1a\x1c.dermafed.v1.CheckpointChunk0\x01\x12\x46\n\x0cUploadUpdate\x12\x18.dermafed.v1.UpdateChunk\x1a\x1a.dermafed.v1.UploadReceipt(\x01\x12H\n\x0c\x44\x65\x63lineRound\x12\x1b.dermafed.v1.DeclineRequest\x1a\x1b.dermafed.v1.DeclineReceipt\x12M\n\rAdvertiseKeys\x12!.dermafed.v1.AdvertiseKeysRequest\x1a\x19.dermafed.v1.StageReceipt\x12\x45\n\tShareKeys\x12\x1d.dermafed.v1.ShareKeysRequest\x1a\x19.dermafed.v1.StageReceipt\x12M\n\rSignSurvivors\x12!.dermafed.v1.SignSurvivorsRequest\x1a\x19.dermafed.v1.StageReceipt\x12K\n\x0cRevealShares\x12 .dermafed.v1.RevealSharesRequest\x1a\x19.dermafed.v1.StageReceiptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x65rmafed/v1/federation.proto\x12\x0b\x64\x65rmafed.v1\"\xda\x03\n\tRoundPlan\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x19\n\x11parent_checkpoint\x18\x02 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x03 \x01(\r\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x12\n\nfedprox_mu\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x17\n\x0f\x64\x65lta_clip_norm\x18\x08 \x01(\x01\x12\x13\n\x0b\x61ggregation\x18\t \x01(\t\x12\x13\n\x0bmin_clinics\x18\n \x01(\r\x12\x0e\n\x06\x63ohort\x18\x0b \x03(\t\x12\x16\n\x0estage_deadline\x18\x0c \x01(\x01\x12\x12\n\nfederation\x18\r \x01(\t\x12 \n\x13\x64p_noise_multiplier\x18\x0e \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tthreshold\x18\x0f \x01(\r\x12\x33\n\x0cquantization\x18\x10 \x01(\x0b\x32\x1d.dermafed.v1.QuantizationSpec\x12\x1f\n\x17\x63linic_noise_multiplier\x18\x11 \x01(\x01\x12\x19\n\x11upload_norm_bound\x18\x12 \x01(\x01\x42\x16\n\x14_dp_noise_multiplier\"\xc5\x01\n\x10QuantizationSpec\x12\x11\n\tclip_norm\x18\x01 \x01(\x01\x12\x12\n\nweight_max\x18\x02 \x01(\x01\x12\x13\n\x0bmax_clinics\x18\x03 \x01(\r\x12\x13\n\x0b\x64\x65lta_scale\x18\x04 \x01(\x01\x12\x14\n\x0cweight_scale\x18\x05 \x01(\x01\x12\x15\n\x08loss_max\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nloss_scale\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_loss_maxB\r\n\x0b_loss_scale\"\x7f\n\rAdvertisement\x12\x0e\n\x06\x63linic\x18\x01 \x01(\t\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x05 \x01(\x0c\"/\n\x0bSealedShare\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"6\n\x11SurvivorSignature\x12\x0e\n\x06\x63linic\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xd1\x01\n\nSecAggTask\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x32\n\x0e\x61\x64vertisements\x18\x02 \x03(\x0b\x32\x1a.dermafed.v1.Advertisement\x12(\n\x06shares\x18\x03 \x03(\x0b\x32\x18.dermafed.v1.SealedShare\x12\x11\n\tsurvivors\x18\x04 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x05 \x03(\t\x12\x32\n\nsignatures\x18\x06 \x03(\x0b\x32\x1e.dermafed.v1.SurvivorSignature\"\x8b\x01\n\rPrivacyReport\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x15\n\repsilon_spent\x18\x02 \x01(\x01\x12\x13\n\x0b\x65psilon_max\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x05 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x06 \x01(\x01\"_\n\x0bPollRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\r\x12\x12\n\nlast_round\x18\x02 \x01(\x04\x12+\n\x07privacy\x18\x03 \x01(\x0b\x32\x1a.dermafed.v1.PrivacyReport\"\x99\x02\n\x0cPollResponse\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.dermafed.v1.PollResponse.Kind\x12$\n\x04plan\x18\x02 \x01(\x0b\x32\x16.dermafed.v1.RoundPlan\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\x12\x1c\n\x14published_checkpoint\x18\x04 \x01(\t\x12\x17\n\x0fpublished_round\x18\x05 \x01(\x04\x12\'\n\x06secagg\x18\x06 \x01(\x0b\x32\x17.dermafed.v1.SecAggTask\"=\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\n\n\x06SECAGG\x10\x03\"/\n\x19\x44ownloadCheckpointRequest\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\"4\n\x0f\x43heckpointChunk\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xbd\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08\x65ncoding\x18\x02 \x01(\t\x12(\n\x07tensors\x18\x03 \x03(\x0b\x32\x17.dermafed.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\x17\n\ntrain_loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rtrain_seconds\x18\x07 \x01(\x01\x42\r\n\x0b_train_loss\"R\n\x0bUpdateChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.dermafed.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"6\n\rUploadReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\"?\n\x0e\x44\x65\x63lineRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x1f\n\x0e\x44\x65\x63lineReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\"l\n\x14\x41\x64vertiseKeysRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"K\n\x10ShareKeysRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12(\n\x06shares\x18\x02 \x03(\x0b\x32\x18.dermafed.v1.SealedShare\"8\n\x14SignSurvivorsRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x86\x01\n\x13RevealSharesRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x32\n\x10self_mask_shares\x18\x02 \x03(\x0b\x32\x18.dermafed.v1.SealedShare\x12,\n\nkey_shares\x18\x03 \x03(\x0b\x32\x18.dermafed.v1.SealedShare\",\n\x0cStageReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05stage\x18\x02 \x01(\t2\xeb\x04\n\nFederation\x12;\n\x04Poll\x12\x18.dermafed.v1.PollRequest\x1a\x19.dermafed.v1.PollResponse\x12\\\n\x12\x44ownloadCheckpoint\x12&.dermafed.v1.DownloadCheckpointRequest\x1a\x1c.dermafed.v1.CheckpointChunk0\x01\x12\x46\n\x0cUploadUpdate\x12\x18.dermafed.v1.UpdateChunk\x1a\x1a.dermafed.v1.UploadReceipt(\x01\x12H\n\x0c\x44\x65\x63lineRound\x12\x1b.dermafed.v1.DeclineRequest\x1a\x1b.dermafed.v1.DeclineReceipt\x12M\n\rAdvertiseKeys\x12!.dermafed.v1.AdvertiseKeysRequest\x1a\x19.dermafed.v1.StageReceipt\x12\x45\n\tShareKeys\x12\x1d.dermafed.v1.ShareKeysRequest\x1a\x19.dermafed.v1.StageReceipt\x12M\n\rSignSurvivors\x12!.dermafed.v1.SignSurvivorsRequest\x1a\x19.dermafed.v1.StageReceipt\x12K\n\x0cRevealShares\x12 .dermafed.v1.RevealSharesRequest\x1a\x19.dermafed.v1.StageReceiptb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,51 +32,51 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dermafed.v1.federation_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROUNDPLAN']._serialized_start=46
-  _globals['_ROUNDPLAN']._serialized_end=460
-  _globals['_QUANTIZATIONSPEC']._serialized_start=463
-  _globals['_QUANTIZATIONSPEC']._serialized_end=660
-  _globals['_ADVERTISEMENT']._serialized_start=662
-  _globals['_ADVERTISEMENT']._serialized_end=789
-  _globals['_SEALEDSHARE']._serialized_start=791
-  _globals['_SEALEDSHARE']._serialized_end=838
-  _globals['_SURVIVORSIGNATURE']._serialized_start=840
-  _globals['_SURVIVORSIGNATURE']._serialized_end=894
-  _globals['_SECAGGTASK']._serialized_start=897
-  _globals['_SECAGGTASK']._serialized_end=1106
-  _globals['_PRIVACYREPORT']._serialized_start=1109
-  _globals['_PRIVACYREPORT']._serialized_end=1248
-  _globals['_POLLREQUEST']._serialized_start=1250
-  _globals['_POLLREQUEST']._serialized_end=1345
-  _globals['_POLLRESPONSE']._serialized_start=1348
-  _globals['_POLLRESPONSE']._serialized_end=1629
-  _globals['_POLLRESPONSE_KIND']._serialized_start=1568
-  _globals['_POLLRESPONSE_KIND']._serialized_end=1629
-  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_start=1631
-  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_end=1678
-  _globals['_CHECKPOINTCHUNK']._serialized_start=1680
-  _globals['_CHECKPOINTCHUNK']._serialized_end=1732
-  _globals['_TENSORSPEC']._serialized_start=1734
-  _globals['_TENSORSPEC']._serialized_end=1790
-  _globals['_UPDATEHEADER']._serialized_start=1793
-  _globals['_UPDATEHEADER']._serialized_end=1982
-  _globals['_UPDATECHUNK']._serialized_start=1984
-  _globals['_UPDATECHUNK']._serialized_end=2066
-  _globals['_UPLOADRECEIPT']._serialized_start=2068
-  _globals['_UPLOADRECEIPT']._serialized_end=2122
-  _globals['_DECLINEREQUEST']._serialized_start=2124
-  _globals['_DECLINEREQUEST']._serialized_end=2187
-  _globals['_DECLINERECEIPT']._serialized_start=2189
-  _globals['_DECLINERECEIPT']._serialized_end=2220
-  _globals['_ADVERTISEKEYSREQUEST']._serialized_start=2222
-  _globals['_ADVERTISEKEYSREQUEST']._serialized_end=2330
-  _globals['_SHAREKEYSREQUEST']._serialized_start=2332
-  _globals['_SHAREKEYSREQUEST']._serialized_end=2407
-  _globals['_SIGNSURVIVORSREQUEST']._serialized_start=2409
-  _globals['_SIGNSURVIVORSREQUEST']._serialized_end=2465
-  _globals['_REVEALSHARESREQUEST']._serialized_start=2468
-  _globals['_REVEALSHARESREQUEST']._serialized_end=2602
-  _globals['_STAGERECEIPT']._serialized_start=2604
-  _globals['_STAGERECEIPT']._serialized_end=2648
-  _globals['_FEDERATION']._serialized_start=2651
-  _globals['_FEDERATION']._serialized_end=3270
+  _globals['_ROUNDPLAN']._serialized_end=520
+  _globals['_QUANTIZATIONSPEC']._serialized_start=523
+  _globals['_QUANTIZATIONSPEC']._serialized_end=720
+  _globals['_ADVERTISEMENT']._serialized_start=722
+  _globals['_ADVERTISEMENT']._serialized_end=849
+  _globals['_SEALEDSHARE']._serialized_start=851
+  _globals['_SEALEDSHARE']._serialized_end=898
+  _globals['_SURVIVORSIGNATURE']._serialized_start=900
+  _globals['_SURVIVORSIGNATURE']._serialized_end=954
+  _globals['_SECAGGTASK']._serialized_start=957
+  _globals['_SECAGGTASK']._serialized_end=1166
+  _globals['_PRIVACYREPORT']._serialized_start=1169
+  _globals['_PRIVACYREPORT']._serialized_end=1308
+  _globals['_POLLREQUEST']._serialized_start=1310
+  _globals['_POLLREQUEST']._serialized_end=1405
+  _globals['_POLLRESPONSE']._serialized_start=1408
+  _globals['_POLLRESPONSE']._serialized_end=1689
+  _globals['_POLLRESPONSE_KIND']._serialized_start=1628
+  _globals['_POLLRESPONSE_KIND']._serialized_end=1689
+  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_start=1691
+  _globals['_DOWNLOADCHECKPOINTREQUEST']._serialized_end=1738
+  _globals['_CHECKPOINTCHUNK']._serialized_start=1740
+  _globals['_CHECKPOINTCHUNK']._serialized_end=1792
+  _globals['_TENSORSPEC']._serialized_start=1794
+  _globals['_TENSORSPEC']._serialized_end=1850
+  _globals['_UPDATEHEADER']._serialized_start=1853
+  _globals['_UPDATEHEADER']._serialized_end=2042
+  _globals['_UPDATECHUNK']._serialized_start=2044
+  _globals['_UPDATECHUNK']._serialized_end=2126
+  _globals['_UPLOADRECEIPT']._serialized_start=2128
+  _globals['_UPLOADRECEIPT']._serialized_end=2182
+  _globals['_DECLINEREQUEST']._serialized_start=2184
+  _globals['_DECLINEREQUEST']._serialized_end=2247
+  _globals['_DECLINERECEIPT']._serialized_start=2249
+  _globals['_DECLINERECEIPT']._serialized_end=2280
+  _globals['_ADVERTISEKEYSREQUEST']._serialized_start=2282
+  _globals['_ADVERTISEKEYSREQUEST']._serialized_end=2390
+  _globals['_SHAREKEYSREQUEST']._serialized_start=2392
+  _globals['_SHAREKEYSREQUEST']._serialized_end=2467
+  _globals['_SIGNSURVIVORSREQUEST']._serialized_start=2469
+  _globals['_SIGNSURVIVORSREQUEST']._serialized_end=2525
+  _globals['_REVEALSHARESREQUEST']._serialized_start=2528
+  _globals['_REVEALSHARESREQUEST']._serialized_end=2662
+  _globals['_STAGERECEIPT']._serialized_start=2664
+  _globals['_STAGERECEIPT']._serialized_end=2708
+  _globals['_FEDERATION']._serialized_start=2711
+  _globals['_FEDERATION']._serialized_end=3330
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,8 @@ class RoundPlan(_message.Message):
     DP_NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
     THRESHOLD_FIELD_NUMBER: _builtins.int
     QUANTIZATION_FIELD_NUMBER: _builtins.int
+    CLINIC_NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    UPLOAD_NORM_BOUND_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     parent_checkpoint: _builtins.str
     """sha256 (hex) of the global checkpoint the round starts from."""
@@ -71,6 +73,14 @@ class RoundPlan(_message.Message):
     """Secure aggregation: unmasking needs `threshold` clinics (2t > cohort size), and every
     clinic encodes its clipped delta into Z_2^32 with this quantization.
     """
+    clinic_noise_multiplier: _builtins.float
+    """Clinic-level (distributed) DP: each clinic adds N(0, (z·C/√t)²) per coordinate to its
+    clipped delta (t = threshold in secure rounds, 1 in plain ones); 0 = none.
+    """
+    upload_norm_bound: _builtins.float
+    """The L2 norm an uploaded (clipped, possibly noised) delta may have: delta_clip_norm,
+    or with clinic-level noise a high-probability bound on the noised norm.
+    """
     @_builtins.property
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -94,10 +104,12 @@ class RoundPlan(_message.Message):
         dp_noise_multiplier: _builtins.float | None = ...,
         threshold: _builtins.int = ...,
         quantization: Global___QuantizationSpec | None = ...,
+        clinic_noise_multiplier: _builtins.float = ...,
+        upload_norm_bound: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier", "dp_noise_multiplier", b"dp_noise_multiplier", "quantization", b"quantization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier", "aggregation", b"aggregation", "batch_size", b"batch_size", "cohort", b"cohort", "delta_clip_norm", b"delta_clip_norm", "dp_noise_multiplier", b"dp_noise_multiplier", "federation", b"federation", "fedprox_mu", b"fedprox_mu", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_clinics", b"min_clinics", "optimizer", b"optimizer", "parent_checkpoint", b"parent_checkpoint", "quantization", b"quantization", "round", b"round", "stage_deadline", b"stage_deadline", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier", "aggregation", b"aggregation", "batch_size", b"batch_size", "clinic_noise_multiplier", b"clinic_noise_multiplier", "cohort", b"cohort", "delta_clip_norm", b"delta_clip_norm", "dp_noise_multiplier", b"dp_noise_multiplier", "federation", b"federation", "fedprox_mu", b"fedprox_mu", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_clinics", b"min_clinics", "optimizer", b"optimizer", "parent_checkpoint", b"parent_checkpoint", "quantization", b"quantization", "round", b"round", "stage_deadline", b"stage_deadline", "threshold", b"threshold", "upload_norm_bound", b"upload_norm_bound"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dp_noise_multiplier: _TypeAlias = _typing.Literal["dp_noise_multiplier"]  # noqa: Y015
     _WhichOneofArgType__dp_noise_multiplier: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier"]  # noqa: Y015
