@@ -188,8 +188,9 @@ class Round:
         self.history.append(result)
         self.responded = set()
         if len(self.alive) < self.min_clinics:
+            declined = f", {len(self.declined)} declined" if self.declined else ""
             self.abort(
-                f"only {len(self.alive)} clinic(s) left after stage {stage!r}, "
+                f"only {len(self.alive)} clinic(s) left after stage {stage!r}{declined}, "
                 f"minimum is {self.min_clinics}"
             )
         elif self.stage_index + 1 >= len(self.stages):
