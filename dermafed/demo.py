@@ -341,6 +341,15 @@ def run_demo(opts: DemoOptions, out: Callable[[str], None] = print) -> list[Roun
     fed = Federation(workdir)
     rows: list[RoundRow] = []
     previous_sigint = signal.getsignal(signal.SIGINT)
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
+
+    def _interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and a plain `kill` both stop the whole federation cleanly (SIGINT may be
+    # ignored when the demo was started in the background by a non-interactive shell).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         fed.spawn("aggregator", ["aggregator", "serve", "--config", str(agg_cfg)])
         port = _wait_for_port(port_file, fed)
@@ -363,8 +372,10 @@ def run_demo(opts: DemoOptions, out: Callable[[str], None] = print) -> list[Roun
         out("\ninterrupted: stopping the federation")
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         fed.stop()
         signal.signal(signal.SIGINT, previous_sigint)
+        signal.signal(signal.SIGTERM, previous_sigterm)
     out(f"ledger    {workdir / 'state' / 'aggregator' / 'ledger.sqlite'}")
     out(f"models    {workdir / 'state' / 'aggregator' / 'checkpoints'}")
     return rows
