@@ -13,9 +13,7 @@ enters the store, and nothing here ever unpickles anything.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import secrets
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import BinaryIO
 import torch
 
 from common.errors import IntegrityError, InvalidUpdateError, NotFoundError
+from common.fsutil import atomic_write, fsync_dir
 from common.tensors import checkpoint_bytes, load_checkpoint_bytes
 
 SUFFIX = ".safetensors"
@@ -216,26 +215,10 @@ class CheckpointStore:
         return self._root / f"{validate_checkpoint_id(cid)}{SUFFIX}"
 
     def _write_atomically(self, final: Path, cid: str, data: bytes) -> None:
-        tmp = self._root / f"{TEMP_PREFIX}{cid[:16]}-{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        # Without this the rename itself may be lost on power failure, leaving no file.
-        self._sync_dir()
+        atomic_write(final, data, mode=0o640, temp_prefix=f"{TEMP_PREFIX}{cid[:16]}-")
 
     def _sync_dir(self) -> None:
-        fd = os.open(self._root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self._root)
 
     @staticmethod
     def _file_hash(path: Path) -> str | None:

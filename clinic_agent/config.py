@@ -6,29 +6,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clinic_agent.privacy import PrivacyConfig
-from common.config import LoggingSection, MetricsSection, load_config, parse_hostport, require
-
-
-@dataclass(frozen=True)
-class AggregatorSection:
-    address: str
-    # TLS name to verify in the aggregator's certificate when it differs from the host.
-    server_name: str = ""
-
-    def validate(self) -> None:
-        parse_hostport(self.address, "aggregator.address")
-
-
-@dataclass(frozen=True)
-class TlsSection:
-    ca_cert: Path
-    cert: Path
-    key: Path
-
-    def validate(self) -> None:
-        for name in ("ca_cert", "cert", "key"):
-            path = getattr(self, name)
-            require(path.is_file(), f"tls.{name}", f"file {path} does not exist")
+from common.config import (
+    AggregatorSection,
+    LoggingSection,
+    MetricsSection,
+    TlsSection,
+    load_config,
+    require,
+)
 
 
 @dataclass(frozen=True)

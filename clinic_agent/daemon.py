@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import random
 import secrets
 import threading
@@ -30,6 +29,7 @@ from clinic_agent.training import TrainConfig, TrainResult, compute_delta, train
 from common.backoff import Backoff
 from common.clipping import add_gaussian_noise, clinic_noise_std, clip_l2
 from common.datasets import ImageCache, load_records
+from common.fsutil import atomic_write
 from common.identity import identity_from_certificate
 from common.model import ModelConfig, build_model
 from common.pki import certificate_expiry_reader, load_certificate
@@ -396,12 +396,7 @@ class ClinicAgent:
         if data is None:
             data = self.client.download(checkpoint)
             self.metrics.received_bytes.inc(len(data))
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            atomic_write(path, data, mode=0o640)
             self._prune_cache(keep=path)
         state, meta = load_checkpoint_bytes(data)
         cfg = ModelConfig.from_metadata(meta)

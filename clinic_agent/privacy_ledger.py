@@ -48,6 +48,7 @@ from typing import Any
 
 from clinic_agent.privacy import ACCOUNTANTS, MechanismStep, RoundDecision, epsilon_for
 from common.errors import IntegrityError
+from common.fsutil import atomic_write
 
 LEDGER_FORMAT = "dermafed-privacy-ledger/1"
 MARKER_FORMAT = "dermafed-privacy-ledger-marker/1"
@@ -170,29 +171,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     """temp file + fsync + os.replace + directory fsync: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, data, mode=0o600)
 
 
 @dataclass(frozen=True)

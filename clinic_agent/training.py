@@ -7,10 +7,19 @@ unchanged on the wrapped objects (batches hold raw uint8 images; augmentation an
 normalisation happen per batch in :func:`prepare_batch`, so a Poisson-sampling loader
 can be swapped in). :func:`train_local` wires the pieces together for non-private
 training.
+
+The recipe (chosen by measurement on real HAM10000 images, see ``benchmarks/quality.py``)
+lives in :class:`TrainConfig`'s defaults, so the agent, the demo and the benchmark train
+the same way without code edits: Adam, class-balanced loss weights from local counts,
+and per-batch augmentation on tensors (the 8 symmetries of the square, a random resized
+crop and a small colour jitter, fused into one colour matrix and one ``grid_sample``).
+Batches are gathered by index from the image array, which may be a read-only memory map
+(``common.datasets.ImageCache`` with a cache directory): only the batch is copied.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -18,14 +27,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.errors import ConfigError, InvalidUpdateError, PreconditionError
-from common.model import ModelConfig, build_model, to_input
+from common.model import NORMALISATION, ModelConfig, build_model, to_input
 
 OPTIMIZERS = ("sgd", "adam")
-CLASS_WEIGHTING = ("balanced", "none")
+CLASS_WEIGHTING = ("balanced", "sqrt", "none")
+SAMPLING = ("shuffle", "balanced")
 
 
 class NoTrainingDataError(PreconditionError, ValueError):
@@ -44,6 +55,18 @@ class TrainConfig:
     class_weighting: str = "balanced"
     augment: bool = True
     seed: int = 0
+    # Augmentation policy (used when ``augment`` is on): random resized crops keep at
+    # least ``crop_scale`` of the image's area (1.0: no crops); brightness, contrast and
+    # saturation each vary by up to ``color_jitter`` (relative; 0: none).
+    crop_scale: float = 0.75
+    color_jitter: float = 0.1
+    # "shuffle": every example once per epoch. "balanced": an epoch of the same length
+    # drawn with replacement so each locally present class is equally likely (use it
+    # with class_weighting "none", or the imbalance is corrected twice).
+    sampling: str = "shuffle"
+    # Run convolutions in channels_last memory format (faster on some CPUs, see
+    # benchmarks/quality.py --throughput); the weights and results are the same.
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -75,6 +98,45 @@ class TrainConfig:
                 f"train.class_weighting: must be one of {', '.join(CLASS_WEIGHTING)}, "
                 f"got {self.class_weighting!r}"
             )
+        if not isinstance(self.crop_scale, int | float) or not 0.1 <= self.crop_scale <= 1.0:
+            raise ConfigError(f"train.crop_scale: must be in [0.1, 1], got {self.crop_scale!r}")
+        if not isinstance(self.color_jitter, int | float) or not 0 <= self.color_jitter < 1:
+            raise ConfigError(
+                f"train.color_jitter: must be in [0, 1), got {self.color_jitter!r}"
+            )
+        if self.sampling not in SAMPLING:
+            raise ConfigError(
+                f"train.sampling: must be one of {', '.join(SAMPLING)}, got {self.sampling!r}"
+            )
+        if self.sampling == "balanced" and self.class_weighting != "none":
+            raise ConfigError(
+                "train.sampling: 'balanced' sampling already evens out the classes; set "
+                f"class_weighting to 'none' (got {self.class_weighting!r})"
+            )
+
+    @property
+    def augment_policy(self) -> AugmentPolicy | None:
+        """The augmentation to apply per batch, or None when augmentation is off."""
+        if not self.augment:
+            return None
+        return AugmentPolicy(crop_scale=float(self.crop_scale), color_jitter=float(self.color_jitter))
+
+
+@dataclass(frozen=True)
+class AugmentPolicy:
+    """Label-preserving random transforms of dermoscopic images, drawn per example.
+
+    Dermoscopy has no canonical orientation (all 8 symmetries of the square are used),
+    lesions are photographed at varying zoom (random resized crops of at least
+    ``crop_scale`` of the area, aspect ratio within 3:4..4:3) and under varying light and
+    cameras (brightness, contrast and saturation within ±``color_jitter``).
+    """
+
+    crop_scale: float = 0.75
+    color_jitter: float = 0.1
+
+
+DEFAULT_POLICY = AugmentPolicy()
 
 
 @dataclass
@@ -126,13 +188,22 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tens
     "balanced" gives class c the weight n / (k * count_c), k being the number of classes
     present locally; absent classes get weight 0 (they never occur in the local loss
     anyway), so a clinic without melanomas does not inflate the other weights.
+    "sqrt" is the square root of that correction (weight ∝ count_c^-1/2), scaled so the
+    weights average 1 over the examples; it tempers the huge weights a clinic with a
+    handful of cases of one class would otherwise give them.
     """
+    if mode not in CLASS_WEIGHTING:
+        raise ConfigError(f"class weighting must be one of {', '.join(CLASS_WEIGHTING)}")
     if mode == "none":
         return None
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     present = counts > 0
     weights = np.zeros(num_classes, dtype=np.float64)
-    weights[present] = len(labels) / (present.sum() * counts[present])
+    if mode == "balanced":
+        weights[present] = len(labels) / (present.sum() * counts[present])
+    else:
+        raw = 1.0 / np.sqrt(counts[present])
+        weights[present] = raw * len(labels) / float((raw * counts[present]).sum())
     return torch.tensor(weights, dtype=torch.float32)
 
 
@@ -161,6 +232,145 @@ def iterate_batches(
         )
 
 
+def epoch_indices(labels: np.ndarray, sampling: str, rng: np.random.Generator) -> np.ndarray:
+    """The example order of one epoch (``len(labels)`` indices).
+
+    "shuffle" is a permutation. "balanced" draws with replacement, each locally present
+    class with equal total probability, so rare classes are seen as often as common ones
+    (each time under a different augmentation).
+    """
+    n = len(labels)
+    if sampling == "shuffle":
+        return rng.permutation(n)
+    if sampling != "balanced":
+        raise ConfigError(f"sampling must be one of {', '.join(SAMPLING)}, got {sampling!r}")
+    counts = np.bincount(labels)
+    p = 1.0 / counts[labels]
+    return rng.choice(n, size=n, replace=True, p=p / p.sum())
+
+
+def index_batches(
+    images_uint8: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    sampling: str = "shuffle",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch as (uint8 images, labels) batches, gathered by index.
+
+    Only the batch is copied out of ``images_uint8``, so a read-only memory map of a
+    whole clinic's images costs no extra memory and no up-front copy.
+    """
+    order = epoch_indices(labels, sampling, rng)
+    for start in range(0, len(order), batch_size):
+        # Sorted indices read a memory map front to back; the order inside a batch is
+        # irrelevant to the gradient.
+        idx = np.sort(order[start : start + batch_size])
+        yield (
+            torch.from_numpy(np.ascontiguousarray(images_uint8[idx])),
+            torch.from_numpy(np.asarray(labels[idx], dtype=np.int64)),
+        )
+
+
+class EpochBatches:
+    """Re-iterable epochs of :func:`index_batches` (fresh order each pass, seeded once)."""
+
+    def __init__(
+        self,
+        images_uint8: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        seed: int,
+        sampling: str = "shuffle",
+    ) -> None:
+        self.images = images_uint8
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.batch_size = batch_size
+        self.sampling = sampling
+        self._rng = np.random.default_rng(seed)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return index_batches(self.images, self.labels, self.batch_size, self._rng, self.sampling)
+
+
+_MEAN = torch.tensor(NORMALISATION["mean"], dtype=torch.float32)
+_STD = torch.tensor(NORMALISATION["std"], dtype=torch.float32)
+# ITU-R BT.601 luma, the grey that saturation jitter mixes towards.
+_LUMA = torch.tensor((0.299, 0.587, 0.114), dtype=torch.float32)
+# cos and sin of k quarter turns.
+_QUARTER_COS = torch.tensor((1.0, 0.0, -1.0, 0.0))
+_QUARTER_SIN = torch.tensor((0.0, 1.0, 0.0, -1.0))
+_ASPECT = (math.log(3 / 4), math.log(4 / 3))
+
+
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+
+def _pixel_grid(size: int) -> torch.Tensor:
+    """(size², 3) rows of (x, y, 1) at pixel centres in grid_sample's [-1, 1] coordinates."""
+    lin = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1
+    gy, gx = torch.meshgrid(lin, lin, indexing="ij")
+    return torch.stack((gx.reshape(-1), gy.reshape(-1), torch.ones(size * size)), dim=1)
+
+
+def augment_images(
+    images_uint8: torch.Tensor, generator: torch.Generator, policy: AugmentPolicy = DEFAULT_POLICY
+) -> torch.Tensor:
+    """(N, S, S, 3) uint8 -> augmented, normalised (N, 3, S, S) float32 model input.
+
+    Everything per example is folded into two batched operations, because on two CPU
+    cores the augmentation must cost little next to the model:
+
+    * colour: brightness b, contrast c and saturation s are linear maps of the pixel
+      (contrast around the image's mean grey level), and so is the normalisation, so
+      together they are one 3x3 matrix and offset per image (one ``baddbmm``);
+    * geometry: the crop, the quarter turn and the flip are one affine map of the sampling
+      grid (one ``grid_sample``, bilinear, reflecting at the border). With no crop the
+      grid hits pixel centres exactly, so the 8 symmetries are exact permutations.
+
+    The output is contiguous NCHW, as Opacus's per-example convolution gradients need.
+    """
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[-1] != 3:
+        raise ValueError(
+            f"expected a (N, S, S, 3) uint8 batch, got {tuple(images_uint8.shape)} of "
+            f"{images_uint8.dtype}"
+        )
+    n, h, w = images_uint8.shape[0], images_uint8.shape[1], images_uint8.shape[2]
+    if h != w:
+        raise ValueError(f"expected square images, got {h}x{w}")
+    x = images_uint8.permute(0, 3, 1, 2).reshape(n, 3, h * w).to(torch.float32)
+
+    j = policy.color_jitter
+    b, c, s = (_uniform(n, 1 - j, 1 + j, generator) for _ in range(3))
+    # saturation: s·x + (1 − s)·luma(x) per pixel; contrast: c·(x − m) + m with m the
+    # image's mean level after brightness; then (x − mean) / std per channel.
+    sat = s.view(n, 1, 1) * torch.eye(3) + (1 - s).view(n, 1, 1) * _LUMA.view(1, 1, 3)
+    matrix = (c * b).view(n, 1, 1) * sat / _STD.view(1, 3, 1)
+    level = x.mean(dim=(1, 2))
+    offset = (((1 - c) * b * level).view(n, 1) - _MEAN.view(1, 3)) / _STD.view(1, 3)
+    x = torch.baddbmm(offset.view(n, 3, 1), matrix, x).view(n, 3, h, w)
+
+    area = _uniform(n, policy.crop_scale, 1.0, generator)
+    aspect = torch.exp(_uniform(n, *_ASPECT, generator))
+    sx = torch.sqrt(area * aspect).clamp(max=1.0)
+    sy = torch.sqrt(area / aspect).clamp(max=1.0)
+    tx = _uniform(n, -1.0, 1.0, generator) * (1 - sx)
+    ty = _uniform(n, -1.0, 1.0, generator) * (1 - sy)
+    turns = torch.randint(0, 4, (n,), generator=generator)
+    flip = torch.randint(0, 2, (n,), generator=generator).to(torch.float32) * 2 - 1
+    cos, sin = _QUARTER_COS[turns], _QUARTER_SIN[turns]
+    theta = torch.stack(
+        (
+            torch.stack((cos * sx * flip, -sin * sy, tx), dim=1),
+            torch.stack((sin * sx * flip, cos * sy, ty), dim=1),
+        ),
+        dim=1,
+    )
+    grid = torch.matmul(_pixel_grid(h), theta.transpose(1, 2)).view(n, h, w, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random flips and 90-degree rotations, drawn per example, of an (N, C, S, S) batch.
 
@@ -181,11 +391,18 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def prepare_batch(
-    images_uint8: torch.Tensor, augment: bool, generator: torch.Generator
+    images_uint8: torch.Tensor,
+    augment: bool,
+    generator: torch.Generator,
+    policy: AugmentPolicy | None = None,
 ) -> torch.Tensor:
-    """Raw uint8 batch -> normalised, optionally augmented, model input."""
-    x = to_input(images_uint8)
-    return augment_batch(x, generator) if augment else x
+    """Raw uint8 batch -> normalised, optionally augmented, model input.
+
+    ``policy`` None means :data:`DEFAULT_POLICY` (the DP module relies on that default).
+    """
+    if not augment:
+        return to_input(images_uint8)
+    return augment_images(images_uint8, generator, policy or DEFAULT_POLICY)
 
 
 class ProximalTerm:

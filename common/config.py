@@ -234,3 +234,29 @@ class LoggingSection:
             "logging.level",
             "must be DEBUG, INFO, WARNING or ERROR",
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregatorSection:
+    """Where a client (clinic agent, admin CLI) reaches the aggregator."""
+
+    address: str
+    # TLS name to verify in the aggregator's certificate when it differs from the host.
+    server_name: str = ""
+
+    def validate(self) -> None:
+        parse_hostport(self.address, "aggregator.address")
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsSection:
+    """A client's mutual-TLS material: the federation CA and its own certificate and key."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+    def validate(self) -> None:
+        for name in ("ca_cert", "cert", "key"):
+            path = getattr(self, name)
+            require(path.is_file(), f"tls.{name}", f"file {path} does not exist")

@@ -21,11 +21,14 @@ Images are never copied: a :class:`Record` only points at the file.
 from __future__ import annotations
 
 import csv
+import json
 import os
+import secrets
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -253,31 +256,59 @@ def decode_image(path: Path, size: int) -> np.ndarray:
         raise DatasetError(f"{path}: cannot decode image: {exc}") from exc
 
 
+# Bumped whenever decode_image's output changes, so stale on-disk caches are rebuilt.
+DECODER_VERSION = 1
+_DISK_MAGIC = b"DERMAFED-IMAGES\n"
+_DISK_ALIGN = 4096  # the pixel block starts on a page boundary, so it maps cleanly
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    """(mtime in ns, size in bytes): what says a file changed without reading it."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read image: {exc.strerror}") from exc
+    return st.st_mtime_ns, st.st_size
+
+
 class ImageCache:
-    """Decoded images kept in memory, re-decoded only when a file changes.
+    """Decoded images, re-decoded only when a file changes.
 
     An agent rescans its data folder before every round; the cache key includes the
     file's modification time and byte size, so unchanged files are never decoded twice
-    and a replaced file is picked up. One entry per (path, target size): a changed file
-    replaces its old entry instead of leaking it.
+    and a replaced file is picked up.
+
+    Two back ends behind one API:
+
+    * **in memory** (``cache_dir=None``): one entry per (path, target size); a changed
+      file replaces its old entry instead of leaking it. :meth:`load` returns a fresh copy.
+    * **on disk** (``cache_dir`` given): each data source (``name``) and size is one file,
+      ``<cache_dir>/<name>-<size>px.u8``, holding a JSON manifest (path, mtime, size of
+      every image, in order) followed by the pixels as one (N, S, S, 3) uint8 block.
+      :meth:`load` returns a read-only ``np.memmap`` of that block, so the decoded images
+      live in the OS page cache (shared by processes, dropped under memory pressure)
+      instead of the Python heap, and a restarted agent decodes nothing. When the
+      records no longer match the manifest (files added, removed, replaced, reordered),
+      the file is rebuilt: rows of unchanged files are copied from the old file and only
+      new or changed files are decoded. Rebuilds write a temporary file and rename it
+      over the old one, so a crash never leaves a half-written cache and arrays mapped
+      from the old file stay valid.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cache_dir: str | Path | None = None) -> None:
         self._entries: dict[tuple[str, int], tuple[tuple[int, int], np.ndarray]] = {}
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.decodes = 0  # how many files were actually decoded (for tests and metrics)
 
     def __len__(self) -> int:
+        """Number of in-memory entries (always 0 for the on-disk back end)."""
         return len(self._entries)
 
     def load_one(self, path: Path, size: int) -> np.ndarray:
-        if size < 1:
-            raise DatasetError(f"image size must be positive, got {size}")
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise DatasetError(f"{path}: cannot read image: {exc.strerror}") from exc
+        """One decoded image, kept in memory (used by the in-memory back end)."""
+        _check_size(size)
+        signature = _signature(path)
         key = (str(path), size)
-        signature = (st.st_mtime_ns, st.st_size)
         entry = self._entries.get(key)
         if entry is not None and entry[0] == signature:
             return entry[1]
@@ -287,17 +318,129 @@ class ImageCache:
         self._entries[key] = (signature, array)
         return array
 
-    def load(self, records: Sequence[Record], size: int) -> np.ndarray:
-        """Images of ``records`` as one (N, size, size, 3) uint8 array (a fresh copy)."""
-        out = np.empty((len(records), size, size, 3), dtype=np.uint8)
-        for i, r in enumerate(records):
-            out[i] = self.load_one(r.path, size)
-        return out
+    def load(self, records: Sequence[Record], size: int, *, name: str = "images") -> np.ndarray:
+        """Images of ``records`` as one (N, size, size, 3) uint8 array.
+
+        In memory: a fresh, writable copy. On disk: a read-only memory map of the cache
+        file for ``name`` (one name per data source; two sources sharing a name would
+        rebuild each other's file on every call).
+        """
+        _check_size(size)
+        if self.cache_dir is None:
+            out = np.empty((len(records), size, size, 3), dtype=np.uint8)
+            for i, r in enumerate(records):
+                out[i] = self.load_one(r.path, size)
+            return out
+        return self._load_disk(records, size, name)
 
     def retain(self, paths: Iterable[Path]) -> int:
-        """Drop entries for files not in ``paths`` (deleted images); returns how many."""
+        """Drop in-memory entries for files not in ``paths`` (deleted images); returns how
+        many. The on-disk back end needs no pruning: a rebuild keeps only current files."""
         keep = {str(p) for p in paths}
         stale = [k for k in self._entries if k[0] not in keep]
         for k in stale:
             del self._entries[k]
         return len(stale)
+
+    # -- on-disk back end ----------------------------------------------------------------
+
+    def cache_file(self, size: int, name: str = "images") -> Path:
+        if self.cache_dir is None:
+            raise DatasetError("this ImageCache keeps images in memory; it has no cache file")
+        if not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] == ".":
+            raise DatasetError(
+                f"cache name {name!r} must be letters, digits, '-', '_' or '.' (not leading)"
+            )
+        return self.cache_dir / f"{name}-{size}px.u8"
+
+    def _load_disk(self, records: Sequence[Record], size: int, name: str) -> np.ndarray:
+        path = self.cache_file(size, name)
+        entries = [[os.path.abspath(r.path), *_signature(r.path)] for r in records]
+        old = _read_disk_cache(path, size)
+        if old is not None and old[0] == entries:
+            return old[1]
+        return self._rebuild(path, records, entries, size, old)
+
+    def _rebuild(
+        self,
+        path: Path,
+        records: Sequence[Record],
+        entries: list[list[Any]],
+        size: int,
+        old: tuple[list[list[Any]], np.ndarray] | None,
+    ) -> np.ndarray:
+        """Write a new cache file for ``entries`` and return a read-only map of it."""
+        reuse: dict[tuple[Any, ...], int] = {}
+        if old is not None:
+            reuse = {tuple(e): i for i, e in enumerate(old[0])}
+        header = json.dumps(
+            {"decoder": DECODER_VERSION, "size": size, "count": len(entries), "files": entries},
+            separators=(",", ":"),
+        ).encode()
+        offset = _data_offset(len(header))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            with tmp.open("wb") as fh:
+                fh.write(_DISK_MAGIC + len(header).to_bytes(8, "little") + header)
+                fh.truncate(offset + len(entries) * size * size * 3)
+            if not entries:
+                os.replace(tmp, path)
+                return np.zeros((0, size, size, 3), dtype=np.uint8)
+            shape = (len(entries), size, size, 3)
+            pixels = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=offset, shape=shape)
+            for i, (record, entry) in enumerate(zip(records, entries, strict=True)):
+                row = reuse.get(tuple(entry))
+                if row is not None and old is not None:
+                    pixels[i] = old[1][row]
+                else:
+                    pixels[i] = decode_image(record.path, size)
+                    self.decodes += 1
+            pixels.flush()
+            del pixels
+            # Mapped before the rename: the map follows the inode, so what we return is
+            # exactly what we wrote even if another process replaces the file right after.
+            result = np.memmap(tmp, dtype=np.uint8, mode="r", offset=offset, shape=shape)
+            os.replace(tmp, path)
+            return result
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _check_size(size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise DatasetError(f"image size must be a positive integer, got {size!r}")
+
+
+def _data_offset(header_len: int) -> int:
+    end = len(_DISK_MAGIC) + 8 + header_len
+    return -(-end // _DISK_ALIGN) * _DISK_ALIGN
+
+
+def _read_disk_cache(path: Path, size: int) -> tuple[list[list[Any]], np.ndarray] | None:
+    """(manifest entries, read-only pixel map) of a valid cache file, else None.
+
+    Anything unexpected (missing, truncated, another decoder version or size, garbage)
+    means "rebuild", never an error: the cache is derived data.
+    """
+    try:
+        with path.open("rb") as fh:
+            if fh.read(len(_DISK_MAGIC)) != _DISK_MAGIC:
+                return None
+            header_len = int.from_bytes(fh.read(8), "little")
+            meta = json.loads(fh.read(header_len))
+        files = meta["files"]
+        count = int(meta["count"])
+        if meta["decoder"] != DECODER_VERSION or meta["size"] != size or len(files) != count:
+            return None
+        offset = _data_offset(header_len)
+        if path.stat().st_size != offset + count * size * size * 3:
+            return None
+        if count == 0:
+            return files, np.zeros((0, size, size, 3), dtype=np.uint8)
+        pixels = np.memmap(
+            path, dtype=np.uint8, mode="r", offset=offset, shape=(count, size, size, 3)
+        )
+        return files, pixels
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

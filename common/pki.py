@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import DermafedError
+from common.fsutil import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -163,41 +163,7 @@ def _validate_days(days: int) -> int:
 # --------------------------------------------------------------------------- file helpers
 
 
-def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` atomically with exactly ``mode`` permissions.
-
-    The temporary file is created with ``mode`` from the start (never wider), fsynced,
-    then renamed over ``path``; the directory is fsynced so the rename survives a crash.
-    """
-    path = Path(path)
-    directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    # mkstemp creates the file 0600, so a key is never readable by others at any point.
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the data itself is synced
-    finally:
-        os.close(dir_fd)
+# atomic_write and fsync_dir live in common.fsutil (shared with the stores).
 
 
 def _write_new_secret(path: Path, data: bytes) -> None:
@@ -211,7 +177,7 @@ def _write_new_secret(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
     finally:
         os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -358,7 +324,7 @@ def _read_registry(ca_dir: Path) -> dict[str, Any]:
 
 def _write_registry(ca_dir: Path, data: dict[str, Any]) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    atomic_write(Path(ca_dir) / REGISTRY_FILE, text.encode("utf-8"), 0o644)
+    atomic_write(Path(ca_dir) / REGISTRY_FILE, text.encode("utf-8"), mode=0o644)
 
 
 def _record_from_json(entry: dict[str, Any]) -> IssuedRecord:
@@ -485,8 +451,8 @@ def init_ca(
         _write_new_secret(key_path, _key_pem(key))
     except FileExistsError:
         raise PkiError(f"a CA already exists in {out}; refusing to overwrite it") from None
-    atomic_write(cert_path, _cert_pem(cert), 0o644)
-    atomic_write(out / CRL_FILE, _build_crl(cert, key, [], 1, now), 0o644)
+    atomic_write(cert_path, _cert_pem(cert), mode=0o644)
+    atomic_write(out / CRL_FILE, _build_crl(cert, key, [], 1, now), mode=0o644)
     _write_registry(
         out,
         {
@@ -606,10 +572,10 @@ def issue(
         cert_path, key_path = out / f"{name}.crt", out / f"{name}.key"
         # Key before certificate: a watcher that sees the new certificate also finds its
         # key (and one that sees a mismatched pair keeps the old one, see common.tls).
-        atomic_write(key_path, _key_pem(key), 0o600)
-        atomic_write(cert_path, _cert_pem(cert), 0o644)
+        atomic_write(key_path, _key_pem(key), mode=0o600)
+        atomic_write(cert_path, _cert_pem(cert), mode=0o644)
         if out.resolve() != ca_dir.resolve():
-            atomic_write(out / CA_CERT_FILE, (ca_dir / CA_CERT_FILE).read_bytes(), 0o644)
+            atomic_write(out / CA_CERT_FILE, (ca_dir / CA_CERT_FILE).read_bytes(), mode=0o644)
         registry["certificates"].append(
             {
                 "serial": format_serial(serial),
@@ -686,7 +652,7 @@ def revoke(
         # Registry first: if we die between the two writes the next revoke rebuilds the
         # CRL from the registry; the reverse order could lose a revocation record.
         _write_registry(ca_dir, registry)
-        atomic_write(ca_dir / CRL_FILE, crl_pem, 0o644)
+        atomic_write(ca_dir / CRL_FILE, crl_pem, mode=0o644)
     for s in newly:
         log.info("revoked certificate serial %s", format_serial(s))
     return newly

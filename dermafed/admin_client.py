@@ -5,37 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import load_config, parse_hostport, require
+from common.config import AggregatorSection, TlsSection, load_config, require
 from common.tls import channel_credentials, secure_channel
 from dermafed.v1 import admin_pb2, admin_pb2_grpc
 
 
 @dataclass(frozen=True)
-class AdminTarget:
-    address: str
-    server_name: str = ""
-
-    def validate(self) -> None:
-        parse_hostport(self.address, "aggregator.address")
-
-
-@dataclass(frozen=True)
-class AdminTls:
-    ca_cert: Path
-    cert: Path
-    key: Path
-
-    def validate(self) -> None:
-        for name in ("ca_cert", "cert", "key"):
-            path = getattr(self, name)
-            require(path.is_file(), f"tls.{name}", f"file {path} does not exist")
-
-
-@dataclass(frozen=True)
 class AdminConfig:
     federation: str
-    aggregator: AdminTarget
-    tls: AdminTls
+    aggregator: AggregatorSection
+    tls: TlsSection
     timeout_s: float = 10.0
 
     def validate(self) -> None:

@@ -1,0 +1,116 @@
+"""Smoke tests of the benchmark scripts under ``benchmarks/``: tiny configurations that prove
+each script runs end to end on the real code paths and reports sane values. No timing is
+asserted (timings on a shared 2-core machine mean nothing in a test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from common.secagg.messages import STAGES
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` by path (``benchmarks`` is scripts, not a package)."""
+    module_name = f"dermafed_benchmark_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_secagg_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_benchmark("secagg")
+    params = 1000
+    out = tmp_path / "secagg.json"
+    code = bench.main(
+        [
+            "--cohorts",
+            "3",
+            "--params",
+            str(params),
+            "--dropout",
+            "0,0.1",
+            "--repeats",
+            "1",
+            "--mask-elements",
+            "65536",
+            "--mask-repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0  # every secure result matched plain FedAvg within the bound
+
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.split()[:1] == ["clinics"])
+    for column in (
+        "secure_s",
+        "plain_s",
+        "overhead_s",
+        "time_x",
+        "agg_cpu_sec_s",
+        "agg_cpu_plain_s",
+        "peak_sec_MB",
+        "peak_plain_MB",
+        "sent_sec_MB",
+        "sent_plain_MB",
+        "vec_B/param",
+        "mask_GB/s",
+        "err/bound",
+    ):
+        assert column in header.split()
+    assert "targets:" in printed
+
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert [(r["clinics"], r["params"], r["dropout"]) for r in results] == [
+        (3, params, 0.0),
+        (3, params, 0.1),
+    ]
+    ring_bytes = 4 * (params + 2)  # the weight and the loss ride as two extra ring elements
+    for r, dropped in zip(results, (0, 1), strict=True):
+        secure, plain = r["secure"], r["plain"]
+        assert r["dropped"] == dropped
+        assert secure["contributors"] == plain["contributors"] == 3 - dropped
+        assert r["within_bound"] and r["total_weight_equal"]
+        assert 0 <= r["max_abs_error"] <= r["error_bound"]
+
+        assert set(secure["stages"]) == set(STAGES)
+        for stage in secure["stages"].values():
+            assert stage["server_s"] >= 0 and stage["clinic_max_s"] >= stage["clinic_mean_s"] >= 0
+        assert secure["round_s"] == pytest.approx(
+            sum(s["server_s"] + s["clinic_max_s"] for s in secure["stages"].values())
+        )
+        assert r["overhead_s"] == pytest.approx(secure["round_s"] - plain["round_s"])
+        assert secure["server_cpu_s"] > 0 and plain["server_cpu_s"] > 0
+
+        # Wire bytes: 4 bytes per ring element plus chunk framing; plain sends float32.
+        assert ring_bytes < secure["vector_bytes_per_clinic"] <= ring_bytes + 64
+        assert 4 * params < plain["vector_bytes_per_clinic"] <= 4 * params + 64
+        # The protocol's own messages (keys, shares, signatures) cost extra bytes.
+        assert secure["bytes_sent_per_clinic"] > plain["bytes_sent_per_clinic"]
+        assert secure["masks_per_clinic"] == 3  # a self mask and one per other clinic of U2
+
+        # The aggregator held at least its accumulator (secure) / float64 sum (plain).
+        assert secure["peak_server_bytes"] >= ring_bytes
+        assert plain["peak_server_bytes"] >= 8 * params
+        assert math.isfinite(secure["client_mask_gbps"]) and secure["client_mask_gbps"] > 0
+
+    mask = report["mask_throughput"]
+    assert mask["accumulate_mask_gbps"] > 0 and mask["keystream_gbps"] > 0
+    assert any("bytes per parameter" in t["target"] for t in report["targets"])
