@@ -13,12 +13,8 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from aggregator.coordinator import (
-    Coordinator,
-    PrivacyReport,
-    RoundPlan,
-    RoundView,
-)
+from aggregator.coordinator import Coordinator
+from aggregator.domain import PrivacyReport, RoundPlan, RoundView
 from aggregator.metrics import AggregatorMetrics
 from aggregator.round_modes import SecAggStageData, UploadHeader
 from common.errors import (
