@@ -187,6 +187,9 @@ class ValidationSection:
     high_risk: list[str] = field(default_factory=lambda: ["mel", "bcc", "akiec"])
     tolerance: float = 0.05
     min_balanced_accuracy: float = 0.0
+    # A published model within this of chance-level balanced accuracy (1/k) is no baseline
+    # for sensitivities; negative: always compare with the published model.
+    chance_margin: float = 0.05
 
     def validate(self) -> None:
         if self.holdout is not None and str(self.holdout):
@@ -194,6 +197,8 @@ class ValidationSection:
         unknown = sorted(set(self.high_risk) - set(CLASSES))
         require(not unknown, "validation.high_risk", f"unknown class code(s) {unknown}")
         require(0.0 <= self.tolerance <= 1.0, "validation.tolerance", "must be in [0, 1]")
+        require(self.chance_margin <= 1.0, "validation.chance_margin",
+                "must be at most 1 (negative: always compare with the published model)")
         require(
             0.0 <= self.min_balanced_accuracy <= 1.0,
             "validation.min_balanced_accuracy",
@@ -206,6 +211,7 @@ class ValidationSection:
             high_risk=tuple(self.high_risk),
             tolerance=self.tolerance,
             min_balanced_accuracy=self.min_balanced_accuracy,
+            chance_margin=self.chance_margin,
         )
 
 

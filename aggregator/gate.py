@@ -5,10 +5,12 @@ the gate settings, so the rule can be read and tested on its own. A candidate is
 when the sensitivity on any high-risk class falls more than ``tolerance`` below the
 published checkpoint's, or when its balanced accuracy is below an absolute floor.
 
-The initial, untrained model is a special case: its sensitivities are whatever a random
-network happens to output (it may call every lesion melanoma, i.e. sensitivity 1.0), so
-comparing against it would freeze the federation forever. Against the initial model only
-the absolute floor applies.
+A published model no better than chance is no baseline: its sensitivities are whatever a
+near-random network happens to output (the untrained initial model, or an early round,
+may call every lesion melanoma, i.e. sensitivity 1.0), so comparing against it would
+freeze the federation on a useless model. Against such a model — the initial one, or one
+whose balanced accuracy is within ``chance_margin`` of 1/k for the k classes in the
+held-out set — only the absolute floor applies.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class GateSettings:
     # Allowed absolute drop in sensitivity for each high-risk class (0.05 = 5 points).
     tolerance: float = 0.05
     min_balanced_accuracy: float = 0.0
+    # A published model whose balanced accuracy is at most 1/k + this is "chance level".
+    chance_margin: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,14 @@ def _sensitivity(metrics: Mapping[str, Any], cls: str) -> float | None:
     if isinstance(value, int | float) and math.isfinite(value):
         return float(value)
     return None
+
+
+def _chance_level(metrics: Mapping[str, Any], settings: GateSettings) -> bool:
+    sens = metrics.get("sensitivity")
+    bal = metrics.get("balanced_accuracy")
+    if not isinstance(sens, Mapping) or not sens or not isinstance(bal, int | float):
+        return False
+    return float(bal) <= 1.0 / len(sens) + settings.chance_margin
 
 
 def decide(
@@ -75,7 +87,8 @@ def decide(
                 f"balanced accuracy {bal:.3f} is below the floor "
                 f"{settings.min_balanced_accuracy:.3f}"
             )
-    if published is not None and not published_is_initial:
+    trivial = published is None or published_is_initial or _chance_level(published, settings)
+    if not trivial and published is not None:
         for cls in settings.high_risk:
             new = _sensitivity(candidate, cls)
             old = _sensitivity(published, cls)
@@ -90,6 +103,11 @@ def decide(
                 )
     if failures:
         return GateDecision(False, "; ".join(failures), checks)
-    if published is None or published_is_initial:
-        return GateDecision(True, "first evaluated model: only the absolute floor applies", checks)
+    if trivial:
+        return GateDecision(
+            True,
+            "the published model is at chance level (or the initial "
+            "one): only the absolute floor applies",
+            checks,
+        )
     return GateDecision(True, "no high-risk sensitivity dropped beyond tolerance", checks)

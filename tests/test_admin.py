@@ -11,7 +11,7 @@ import pytest
 from federation_harness import Federation, code_of, header_for, raw_clinics, upload
 from pki_fixtures import make_federation
 
-from aggregator.config import PlanSection, RoundsSection
+from aggregator.config import PlanSection, RoundsSection, ValidationSection
 from common.datasets import CLASSES
 from common.pki import revoke
 from common.tensors import encode_f32le
@@ -50,10 +50,13 @@ def _bias_delta(coord, shifts: dict[int, float]) -> bytes:
 
 def _start(fed: Federation, **rounds):
     # Plain rounds: these tests craft float32 deltas by hand.
-    cfg = fed.aggregator_config(rounds=RoundsSection(
-        aggregation="plain",
-        min_clinics=2, start_when_connected=2, train_deadline_s=120.0, **rounds),
-        plan=PlanSection(delta_clip_norm=0.0))
+    cfg = fed.aggregator_config(
+        rounds=RoundsSection(aggregation="plain", min_clinics=2, start_when_connected=2,
+                             train_deadline_s=120.0, **rounds),
+        plan=PlanSection(delta_clip_norm=0.0),
+        # The crafted models below are constant classifiers (chance level); compare with
+        # them anyway, as an operator who sets a negative margin would.
+        validation=ValidationSection(holdout=fed.holdout, chance_margin=-1.0))
     service = fed.start_aggregator(cfg)
     stubs = raw_clinics(fed, ("clinic-a", "clinic-b"))
     for stub in stubs.values():
