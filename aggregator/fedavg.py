@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.clipping import l2_norm
 from common.errors import InvalidUpdateError, PreconditionError
 
 # A clinic's weight is its number of training examples; anything beyond this is a bug or
@@ -56,7 +57,7 @@ class PlainFedAvg:
             raise InvalidUpdateError(f"update has {vector.size} values, expected {self._sum.size}")
         check_weight(weight, loss)
         if self._clip_norm > 0:
-            norm = float(np.linalg.norm(vector.astype(np.float64)))
+            norm = l2_norm(vector)
             # A little slack for float32 rounding of a delta clipped exactly to the bound.
             if norm > self._clip_norm * (1 + 1e-4):
                 raise InvalidUpdateError(

@@ -56,6 +56,7 @@ from fractions import Fraction
 import numpy as np
 import numpy.typing as npt
 
+from common.clipping import l2_norm
 from common.secagg.errors import (
     InvalidParameterError,
     QuantizationOverflowError,
@@ -494,14 +495,7 @@ def _fits(bound: float, scale: float, max_clinics: int) -> bool:
 
 
 def _l2_norm(x: npt.NDArray[np.floating]) -> float:
-    # float64 accumulation chunk by chunk: a float32 sum over millions of elements can be
-    # off by more than NORM_TOLERANCE. einsum rather than np.dot: OpenBLAS's threaded dot
-    # measured 10-30x slower on a loaded 2-core host.
-    total = 0.0
-    for start in range(0, x.size, CHUNK_ELEMENTS):
-        chunk = x[start : start + CHUNK_ELEMENTS]
-        total += float(np.einsum("i,i->", chunk, chunk, dtype=np.float64))
-    return math.sqrt(total)
+    return l2_norm(x)
 
 
 def _check_chunk_range(y: Float64Array, bound: float, start: int) -> None:
