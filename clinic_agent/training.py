@@ -10,9 +10,11 @@ training.
 
 The recipe (chosen by measurement on real HAM10000 images, see ``benchmarks/quality.py``)
 lives in :class:`TrainConfig`'s defaults, so the agent, the demo and the benchmark train
-the same way without code edits: Adam, class-balanced loss weights from local counts,
-and per-batch augmentation on tensors (the 8 symmetries of the square, a random resized
-crop and a small colour jitter, fused into one colour matrix and one ``grid_sample``).
+the same way without code edits: a logit-adjusted loss against the clinic's own label
+distribution (class imbalance and label skew in one), and per-batch augmentation on
+tensors (the 8 symmetries of the square, a random resized crop and a small colour
+jitter, fused into one colour matrix and one ``grid_sample``). The optimiser and learning
+rate come from the round plan (Adam at 2e-3, decayed across rounds, is the recipe).
 Batches are gathered by index from the image array, which may be a read-only memory map
 (``common.datasets.ImageCache`` with a cache directory): only the batch is copied.
 """
@@ -35,7 +37,7 @@ from common.errors import ConfigError, InvalidUpdateError, PreconditionError
 from common.model import NORMALISATION, ModelConfig, build_model, to_input
 
 OPTIMIZERS = ("sgd", "adam")
-CLASS_WEIGHTING = ("balanced", "sqrt", "none")
+CLASS_WEIGHTING = ("balanced", "sqrt", "logit_adjusted", "none")
 SAMPLING = ("shuffle", "balanced")
 
 
@@ -52,7 +54,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     fedprox_mu: float = 0.0
     batch_size: int = 32
-    class_weighting: str = "balanced"
+    # How class imbalance is handled (see make_loss): "logit_adjusted" (the recipe),
+    # "balanced" or "sqrt" loss weights, or "none".
+    class_weighting: str = "logit_adjusted"
     augment: bool = True
     seed: int = 0
     # Augmentation policy (used when ``augment`` is on): random resized crops keep at
@@ -64,6 +68,17 @@ class TrainConfig:
     # drawn with replacement so each locally present class is equally likely (use it
     # with class_weighting "none", or the imbalance is corrected twice).
     sampling: str = "shuffle"
+    # Public class frequencies (any positive scale, one per class) to derive the
+    # class_weighting from instead of the local label counts; None: local counts. Under
+    # label skew, local balancing makes every clinic chase its own rare classes, and the
+    # weighted average of those objectives is not the federation's balanced objective;
+    # weights from one shared prior are (the sum of the clinics' losses is then exactly
+    # the pooled class-weighted loss).
+    class_prior: tuple[float, ...] | None = None
+    # Stop local training after this many optimiser steps (0: run all the epochs). Under
+    # label skew, a big clinic's many local steps pull the average towards its own
+    # optimum (client drift); capping them makes rounds cheaper and more frequent.
+    max_steps: int = 0
     # Run convolutions in channels_last memory format (faster on some CPUs, see
     # benchmarks/quality.py --throughput); the weights and results are the same.
     channels_last: bool = False
@@ -98,12 +113,25 @@ class TrainConfig:
                 f"train.class_weighting: must be one of {', '.join(CLASS_WEIGHTING)}, "
                 f"got {self.class_weighting!r}"
             )
+        if self.class_prior is not None:
+            prior = tuple(self.class_prior)
+            if not prior or not all(
+                isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in prior
+            ):
+                raise ConfigError(
+                    f"train.class_prior: must be positive numbers, one per class, got {prior!r}"
+                )
+            self.class_prior = tuple(float(v) for v in prior)
         if not isinstance(self.crop_scale, int | float) or not 0.1 <= self.crop_scale <= 1.0:
             raise ConfigError(f"train.crop_scale: must be in [0.1, 1], got {self.crop_scale!r}")
         if not isinstance(self.color_jitter, int | float) or not 0 <= self.color_jitter < 1:
-            raise ConfigError(
-                f"train.color_jitter: must be in [0, 1), got {self.color_jitter!r}"
-            )
+            raise ConfigError(f"train.color_jitter: must be in [0, 1), got {self.color_jitter!r}")
+        if (
+            isinstance(self.max_steps, bool)
+            or not isinstance(self.max_steps, int)
+            or (self.max_steps < 0)
+        ):
+            raise ConfigError(f"train.max_steps: must be an integer >= 0, got {self.max_steps!r}")
         if self.sampling not in SAMPLING:
             raise ConfigError(
                 f"train.sampling: must be one of {', '.join(SAMPLING)}, got {self.sampling!r}"
@@ -119,7 +147,9 @@ class TrainConfig:
         """The augmentation to apply per batch, or None when augmentation is off."""
         if not self.augment:
             return None
-        return AugmentPolicy(crop_scale=float(self.crop_scale), color_jitter=float(self.color_jitter))
+        return AugmentPolicy(
+            crop_scale=float(self.crop_scale), color_jitter=float(self.color_jitter)
+        )
 
 
 @dataclass(frozen=True)
@@ -182,7 +212,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
+def class_weights(
+    labels: np.ndarray,
+    num_classes: int,
+    mode: str,
+    prior: tuple[float, ...] | None = None,
+) -> torch.Tensor | None:
     """Cross-entropy class weights from local counts; None means unweighted.
 
     "balanced" gives class c the weight n / (k * count_c), k being the number of classes
@@ -194,8 +229,16 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tens
     """
     if mode not in CLASS_WEIGHTING:
         raise ConfigError(f"class weighting must be one of {', '.join(CLASS_WEIGHTING)}")
-    if mode == "none":
-        return None
+    if mode in ("none", "logit_adjusted"):
+        return None  # logit adjustment corrects the logits, not the weights (make_loss)
+    if prior is not None:
+        if len(prior) != num_classes:
+            raise ConfigError(f"class prior has {len(prior)} values, the model {num_classes}")
+        freq = np.asarray(prior, dtype=np.float64)
+        per_class = 1.0 / freq if mode == "balanced" else 1.0 / np.sqrt(freq)
+        local = np.bincount(labels, minlength=num_classes).astype(np.float64)
+        mean_weight = float((per_class * local).sum()) / max(len(labels), 1)
+        return torch.tensor(per_class / mean_weight, dtype=torch.float32)
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     present = counts > 0
     weights = np.zeros(num_classes, dtype=np.float64)
@@ -230,6 +273,55 @@ def iterate_batches(
             torch.from_numpy(np.ascontiguousarray(images_uint8[idx])),
             torch.from_numpy(np.asarray(labels[idx], dtype=np.int64)),
         )
+
+
+# A logit offset that removes a class from the softmax without the NaNs an actual -inf
+# can produce in the backward pass (exp(-1e4) is exactly 0 in float32).
+_ABSENT_LOGIT = -1e4
+
+
+class LogitAdjustedLoss(nn.Module):
+    """Cross-entropy on ``logits + log(prior)`` (logit adjustment, Menon et al. 2021).
+
+    Training against the prior-shifted logits makes the raw logits estimate the
+    *class-balanced* posterior, so the plain argmax at inference targets balanced
+    accuracy. Under label skew, the prior is the clinic's own label distribution: a class
+    absent locally gets ``_ABSENT_LOGIT`` and drops out of the softmax, so a clinic
+    without melanomas no longer pushes the melanoma logit down every round (the
+    classifier bias that makes FedAvg forget locally absent classes; cf. FedRS, FedLC).
+    """
+
+    def __init__(self, log_prior: torch.Tensor) -> None:
+        super().__init__()
+        self.log_prior: torch.Tensor = log_prior.to(torch.float32)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits + self.log_prior, target)
+
+
+def log_prior_of(
+    labels: np.ndarray, num_classes: int, prior: tuple[float, ...] | None = None
+) -> torch.Tensor:
+    """log class frequencies (from ``prior`` when given, else the local labels)."""
+    if prior is not None:
+        if len(prior) != num_classes:
+            raise ConfigError(f"class prior has {len(prior)} values, the model {num_classes}")
+        freq = np.asarray(prior, dtype=np.float64)
+    else:
+        freq = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    out = np.full(num_classes, _ABSENT_LOGIT, dtype=np.float64)
+    present = freq > 0
+    out[present] = np.log(freq[present] / freq.sum())
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def make_loss(
+    labels: np.ndarray, num_classes: int, mode: str, prior: tuple[float, ...] | None = None
+) -> nn.Module:
+    """The training loss for ``mode`` (see :data:`CLASS_WEIGHTING`)."""
+    if mode == "logit_adjusted":
+        return LogitAdjustedLoss(log_prior_of(labels, num_classes, prior))
+    return nn.CrossEntropyLoss(weight=class_weights(labels, num_classes, mode, prior))
 
 
 def epoch_indices(labels: np.ndarray, sampling: str, rng: np.random.Generator) -> np.ndarray:
@@ -351,12 +443,16 @@ def augment_images(
     offset = (((1 - c) * b * level).view(n, 1) - _MEAN.view(1, 3)) / _STD.view(1, 3)
     x = torch.baddbmm(offset.view(n, 3, 1), matrix, x).view(n, 3, h, w)
 
-    area = _uniform(n, policy.crop_scale, 1.0, generator)
-    aspect = torch.exp(_uniform(n, *_ASPECT, generator))
-    sx = torch.sqrt(area * aspect).clamp(max=1.0)
-    sy = torch.sqrt(area / aspect).clamp(max=1.0)
-    tx = _uniform(n, -1.0, 1.0, generator) * (1 - sx)
-    ty = _uniform(n, -1.0, 1.0, generator) * (1 - sy)
+    if policy.crop_scale < 1.0:
+        area = _uniform(n, policy.crop_scale, 1.0, generator)
+        aspect = torch.exp(_uniform(n, *_ASPECT, generator))
+        sx = torch.sqrt(area * aspect).clamp(max=1.0)
+        sy = torch.sqrt(area / aspect).clamp(max=1.0)
+        tx = _uniform(n, -1.0, 1.0, generator) * (1 - sx)
+        ty = _uniform(n, -1.0, 1.0, generator) * (1 - sy)
+    else:
+        sx = sy = torch.ones(n)
+        tx = ty = torch.zeros(n)
     turns = torch.randint(0, 4, (n,), generator=generator)
     flip = torch.randint(0, 2, (n,), generator=generator).to(torch.float32) * 2 - 1
     cos, sin = _QUARTER_COS[turns], _QUARTER_SIN[turns]
@@ -446,8 +542,12 @@ def train_epochs(
     augment: bool,
     generator: torch.Generator,
     proximal: ProximalTerm | None = None,
+    policy: AugmentPolicy | None = None,
+    channels_last: bool = False,
+    max_steps: int = 0,
 ) -> tuple[float, int]:
-    """Run ``epochs`` passes over ``batches`` (re-iterated each epoch, e.g. a DataLoader).
+    """Run ``epochs`` passes over ``batches`` (re-iterated each epoch, e.g. a DataLoader),
+    or stop after ``max_steps`` optimiser steps when that is positive.
 
     Returns (mean data loss weighted by batch size, examples processed). Empty batches,
     which a Poisson-sampling loader can produce, are skipped.
@@ -455,11 +555,17 @@ def train_epochs(
     model.train()
     loss_sum = 0.0
     seen = 0
+    steps = 0
     for _ in range(epochs):
         for images, labels in batches:
             if len(labels) == 0:
                 continue
-            x = prepare_batch(images, augment, generator)
+            if max_steps and steps >= max_steps:
+                break
+            steps += 1
+            x = prepare_batch(images, augment, generator, policy)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             loss = train_step(model, optimizer, x, labels, loss_fn, proximal)
             loss_sum += loss * len(labels)
             seen += len(labels)
@@ -504,7 +610,10 @@ def check_training_data(
 
 
 def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().to(torch.float32) for k, v in model.state_dict().items()}
+    # contiguous(): a channels_last model's 4-D weights would otherwise keep their strides.
+    return {
+        k: v.detach().to(torch.float32).contiguous().clone() for k, v in model.state_dict().items()
+    }
 
 
 # --- the whole local round --------------------------------------------------------------
@@ -530,22 +639,26 @@ def train_local(
     with torch_threads(threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # dropout draws from the global generator
         model = make_model(model_cfg, global_state)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         optimizer = make_optimizer(model, cfg)
-        loader = make_data_loader(images_uint8, labels, cfg.batch_size, cfg.seed)
-        weights = class_weights(labels, model_cfg.num_classes, cfg.class_weighting)
-        loss_fn = nn.CrossEntropyLoss(weight=weights)
+        batches = EpochBatches(images_uint8, labels, cfg.batch_size, cfg.seed, cfg.sampling)
+        loss_fn = make_loss(labels, model_cfg.num_classes, cfg.class_weighting, cfg.class_prior)
         proximal = ProximalTerm(model, cfg.fedprox_mu) if cfg.fedprox_mu > 0 else None
         generator = torch.Generator().manual_seed(cfg.seed + 1)
         start = time.perf_counter()
         mean_loss, seen = train_epochs(
             model,
             optimizer,
-            loader,
+            batches,
             cfg.epochs,
             loss_fn,
             augment=cfg.augment,
             generator=generator,
             proximal=proximal,
+            policy=cfg.augment_policy,
+            channels_last=cfg.channels_last,
+            max_steps=cfg.max_steps,
         )
         seconds = time.perf_counter() - start
     return TrainResult(

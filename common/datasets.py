@@ -428,6 +428,8 @@ def _read_disk_cache(path: Path, size: int) -> tuple[list[list[Any]], np.ndarray
             if fh.read(len(_DISK_MAGIC)) != _DISK_MAGIC:
                 return None
             header_len = int.from_bytes(fh.read(8), "little")
+            if header_len > os.fstat(fh.fileno()).st_size:
+                return None
             meta = json.loads(fh.read(header_len))
         files = meta["files"]
         count = int(meta["count"])

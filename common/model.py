@@ -1,8 +1,16 @@
 """The lesion classifier shared by clinics and the aggregator.
 
-A compact CNN ("lesionnet") sized for training on two CPU cores at 64x64 pixels. It uses
-GroupNorm, never BatchNorm: batch statistics mix examples, which per-example gradient
-clipping (DP-SGD, Opacus) cannot allow, and they would also leak across clinics.
+Two compact CNNs sized for training on two CPU cores, chosen by ``ModelConfig.arch``:
+
+* ``lesionres`` (the default): a stride-2 stem and three residual stages. Measured on real
+  HAM10000 images (``benchmarks/quality.py``) it learns faster and reaches a higher macro
+  AUROC than ``lesionnet`` at a fraction of the compute, because it never convolves at
+  full resolution.
+* ``lesionnet``: the original plain stack with a full-resolution stem, kept so existing
+  checkpoints still load.
+
+Both use GroupNorm, never BatchNorm: batch statistics mix examples, which per-example
+gradient clipping (DP-SGD, Opacus) cannot allow, and they would also leak across clinics.
 
 The architecture is described by :class:`ModelConfig`, which travels inside every
 checkpoint's safetensors metadata (key ``dermafed.model``), so a checkpoint file alone is
@@ -23,7 +31,7 @@ from torch import nn
 from common.errors import ConfigError
 
 METADATA_KEY = "dermafed.model"
-ARCHITECTURES: tuple[str, ...] = ("lesionnet",)
+ARCHITECTURES: tuple[str, ...] = ("lesionres", "lesionnet")
 
 # Per-channel mean and standard deviation of uint8 RGB pixels, measured on 1,500
 # HAM10000 images decoded at 64x64. Fixed constants (not per-clinic statistics): every
@@ -36,10 +44,10 @@ NORMALISATION: dict[str, tuple[float, float, float]] = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "lesionnet"
+    arch: str = "lesionres"
     num_classes: int = 7
     input_size: int = 64
-    width: int = 32
+    width: int = 24
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -141,8 +149,78 @@ class LesionNet(nn.Module):
         return self.classifier(self.dropout(x))
 
 
+class ResidualBlock(nn.Module):
+    """conv3x3(stride) -> GN -> ReLU -> conv3x3 -> GN, plus a shortcut, then ReLU.
+
+    The second GroupNorm's scale starts at zero, so every block starts as its shortcut:
+    the network begins shallow and effectively deepens as it trains, which is what lets
+    the extra convolution help here (a plain stack of the same depth learned slower).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(_groups(c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                nn.GroupNorm(_groups(c_out), c_out),
+            )
+        self.relu1 = nn.ReLU()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu1(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return self.relu2(y + self.shortcut(x))
+
+
+class LesionRes(nn.Module):
+    """stem (w, stride 2) -> 3 residual stages (2w, 4w, 8w, each stride 2) -> GAP -> FC.
+
+    At 64 px the feature maps are 32, 16, 8 and 4 pixels wide; nothing runs at full
+    resolution, which is where the original ``lesionnet`` spent most of its time.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        w = cfg.width
+        layers: list[nn.Module] = _conv_block(3, w, stride=2)
+        c_in = w
+        for c_out in (2 * w, 4 * w, 8 * w):
+            layers.append(ResidualBlock(c_in, c_out, stride=2))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(c_in, cfg.num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResidualBlock):
+                nn.init.zeros_(m.norm2.weight)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x)).flatten(1)
+        return self.classifier(self.dropout(x))
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """A freshly initialised model (uses the global torch RNG for initialisation)."""
+    if cfg.arch == "lesionres":
+        return LesionRes(cfg)
     if cfg.arch == "lesionnet":
         return LesionNet(cfg)
     raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}")  # pragma: no cover
@@ -166,11 +244,14 @@ _STD = torch.tensor(NORMALISATION["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
 def to_input(batch_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, S, S, 3) uint8 RGB -> normalised (N, 3, S, S) float32 model input."""
-    x = (
-        torch.from_numpy(np.ascontiguousarray(batch_uint8))
-        if isinstance(batch_uint8, np.ndarray)
-        else batch_uint8
-    )
+    if isinstance(batch_uint8, np.ndarray):
+        array = np.ascontiguousarray(batch_uint8)
+        if not array.flags.writeable:
+            # A read-only memory map (the on-disk image cache): torch wants writable memory.
+            array = array.copy()
+        x = torch.from_numpy(array)
+    else:
+        x = batch_uint8
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected a (N, S, S, 3) uint8 batch, got {tuple(x.shape)} of {x.dtype}")
     # Contiguous NCHW, not the channels-last view permute() gives: Opacus's conv

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -114,3 +115,86 @@ def test_secagg_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
     mask = report["mask_throughput"]
     assert mask["accumulate_mask_gbps"] > 0 and mask["keystream_gbps"] > 0
     assert any("bytes per parameter" in t["target"] for t in report["targets"])
+
+
+HAM10000 = Path(
+    os.environ.get("DERMAFED_HAM10000")
+    or Path(__file__).resolve().parents[2] / "shared/data/ham10000_200x150"
+)
+
+
+def test_privacy_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if not (HAM10000 / "HAM10000_metadata.csv").is_file():
+        pytest.skip(f"HAM10000 images not found at {HAM10000} (set DERMAFED_HAM10000)")
+    bench = load_benchmark("privacy")
+    out = tmp_path / "privacy.json"
+    code = bench.main(
+        [
+            "--data",
+            str(HAM10000),
+            "--out",
+            str(tmp_path / "out"),
+            "--train-images",
+            "40",
+            "--test-images",
+            "40",
+            "--input-size",
+            "32",
+            "--rounds",
+            "1",
+            "--batch-size",
+            "4",
+            "--epsilons",
+            "8,inf",
+            "--throughput-examples",
+            "16",
+            "--throughput-repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("| eps_target"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == list(bench.TABLE_COLUMNS)
+    for column in (
+        "eps_target",
+        "eps_achieved",
+        "noise_multiplier",
+        "bal_acc",
+        "acc",
+        "macro_auroc",
+        "mel_sens",
+        "pct_nonprivate_BA",
+        "wall_s",
+    ):
+        assert column in columns
+    assert "DP-SGD throughput" in printed
+
+    report = json.loads(out.read_text())
+    rows = {r["epsilon_target"]: r for r in report["rows"]}
+    assert set(rows) == {8.0, math.inf}
+    private, plain = rows[8.0], rows[math.inf]
+    # The composed ε of the mechanisms that actually ran, per clinic, stays within budget
+    # and is not wastefully far below it (σ was solved for this target).
+    assert len(private["epsilon_per_clinic"]) == 4
+    assert all(7.5 <= e <= 8.0 for e in private["epsilon_per_clinic"])
+    assert private["epsilon_achieved"] == max(private["epsilon_per_clinic"]) <= 8.0
+    assert len(private["noise_multipliers"]) == 4 and all(
+        s > 0 for s in private["noise_multipliers"]
+    )
+    assert plain["noise_multipliers"] == [] and math.isinf(plain["epsilon_achieved"])
+    for r in (private, plain):
+        t = r["test"]
+        assert 0.0 <= t["balanced_accuracy"] <= 1.0 and 0.0 <= t["accuracy"] <= 1.0
+        assert 0.0 <= t["mel_sensitivity"] <= 1.0
+        assert r["examples_processed"] == sum(report["clinics"])
+        assert len(r["delta_norms"]) == 4  # one per clinic in the one round
+    throughput = report["throughput"]
+    assert throughput["plain_examples_per_s"] > 0 and throughput["dp_examples_per_s"] > 0
+    assert throughput["dp_slowdown_x"] == pytest.approx(
+        throughput["plain_examples_per_s"] / throughput["dp_examples_per_s"]
+    )

@@ -91,11 +91,31 @@ def test_model_config_from_bad_metadata() -> None:
         ModelConfig.from_metadata({METADATA_KEY: '{"width": "32"}'})
 
 
-def test_model_is_opacus_compatible_and_compact() -> None:
-    model = build_model(ModelConfig())
+@pytest.mark.parametrize("arch", ["lesionres", "lesionnet"])
+def test_models_are_opacus_compatible_and_groupnormed(arch: str) -> None:
+    model = build_model(ModelConfig(arch=arch))
     assert ModuleValidator.validate(model, strict=True) == []
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert parameter_count(model) < 1_000_000
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_default_model_is_the_residual_recipe() -> None:
+    cfg = ModelConfig()
+    assert (cfg.arch, cfg.width, cfg.input_size) == ("lesionres", 24, 64)
+    w = 24
+    stem = 9 * 3 * w + 2 * w
+    blocks = 0
+    for c_in, c_out in ((w, 2 * w), (2 * w, 4 * w), (4 * w, 8 * w)):
+        # two 3x3 convolutions, a 1x1 projection shortcut, three GroupNorms
+        blocks += 9 * c_in * c_out + 9 * c_out * c_out + c_in * c_out + 3 * 2 * c_out
+    head = 8 * w * 7 + 7
+    assert parameter_count(build_model(cfg)) == stem + blocks + head == 681_439
+
+
+def test_lesionnet_layout_is_unchanged_for_old_checkpoints() -> None:
+    model = build_model(ModelConfig(arch="lesionnet", width=32))
     w = 32
     convs = 9 * (3 * w + w * w + w * 2 * w + 2 * w * 4 * w + 4 * w * 8 * w)
     norms = 2 * (w + w + 2 * w + 4 * w + 8 * w)
