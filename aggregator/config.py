@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aggregator.gate import GateSettings
+from aggregator.schedule import validate_schedule
 from common.config import LoggingSection, MetricsSection, load_config, parse_hostport, require
 from common.datasets import CLASSES
 from common.model import ModelConfig
@@ -75,9 +76,9 @@ class StorageSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    arch: str = "lesionnet"
+    arch: str = "lesionres"
     input_size: int = 64
-    width: int = 32
+    width: int = 24
     dropout: float = 0.1
     seed: int = 0
 
@@ -142,8 +143,14 @@ class PlanSection:
     """Training settings sent to every clinic in a round plan."""
 
     local_epochs: int = 1
-    optimizer: str = "sgd"
-    learning_rate: float = 0.05
+    optimizer: str = "adam"
+    # The base rate; lr_schedule decays it across rounds (benchmarks/quality.py).
+    learning_rate: float = 0.002
+    lr_schedule: str = "cosine"
+    # Rounds over which the schedule decays to lr_min_factor x the base rate; it then
+    # stays there (a federation that keeps running keeps fine-tuning).
+    lr_horizon_rounds: int = 30
+    lr_min_factor: float = 0.1
     fedprox_mu: float = 0.0
     batch_size: int = 32
     # L2 bound on each clinic's whole delta; bounds each clinic's influence and, in secure
@@ -168,6 +175,7 @@ class PlanSection:
         require(self.local_epochs >= 1, "plan.local_epochs", "must be at least 1")
         require(self.optimizer in ("sgd", "adam"), "plan.optimizer", "must be 'sgd' or 'adam'")
         require(self.learning_rate > 0, "plan.learning_rate", "must be positive")
+        validate_schedule(self.lr_schedule, self.lr_horizon_rounds, self.lr_min_factor, 0)
         require(self.fedprox_mu >= 0, "plan.fedprox_mu", "must be >= 0")
         require(self.batch_size >= 1, "plan.batch_size", "must be at least 1")
         require(self.delta_clip_norm >= 0, "plan.delta_clip_norm", "must be >= 0 (0 = unclipped)")

@@ -48,6 +48,7 @@ from aggregator.round_modes import (
     UploadSink,
 )
 from aggregator.rounds import Phase, Round, select_cohort, should_start_round
+from aggregator.schedule import round_learning_rate
 from aggregator.secagg_server import SecAggAbortedError, SecAggServer
 from aggregator.validation import HoldoutEvaluator
 from common.clipping import clinic_noise_std
@@ -752,7 +753,11 @@ class Coordinator:
             parent_checkpoint=self._published[0],
             local_epochs=pc.local_epochs,
             optimizer=pc.optimizer,
-            learning_rate=pc.learning_rate,
+            # Rounds count from 1; the schedule decays the base rate across them.
+            learning_rate=round_learning_rate(
+                pc.learning_rate, number - 1, pc.lr_horizon_rounds,
+                schedule=pc.lr_schedule, min_factor=pc.lr_min_factor,
+            ),
             fedprox_mu=pc.fedprox_mu,
             batch_size=pc.batch_size,
             delta_clip_norm=pc.delta_clip_norm,

@@ -88,9 +88,9 @@ from quality import (  # noqa: E402
     test_summary,
 )
 
+from aggregator.schedule import round_learning_rate  # noqa: E402
 from clinic_agent.dp_training import train_dp  # noqa: E402
 from clinic_agent.privacy import MechanismStep, epsilon_for, round_mechanism  # noqa: E402
-from clinic_agent.schedule import round_learning_rate  # noqa: E402
 from clinic_agent.training import compute_delta, train_local  # noqa: E402
 from common.clipping import clip_l2  # noqa: E402
 from common.datasets import (  # noqa: E402

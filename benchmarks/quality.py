@@ -26,7 +26,7 @@ What it does, in one process, with the project's real code paths:
      ``SecAggServer``: signed key advertisement with throwaway certificates, sealed
      Shamir shares, masked ring upload, survivor signatures, unmasking) or through
      ``PlainFedAvg``; FedProx rows add the proximal term (``fedprox_mu``); the learning
-     rate follows ``clinic_agent.schedule.round_learning_rate`` across rounds.
+     rate follows ``aggregator.schedule.round_learning_rate`` across rounds.
 
 4. Reports accuracy, balanced accuracy, macro AUROC, melanoma sensitivity and wall time on
    the held-out test lesions, writes ``results.json`` and ``table.md``, and saves each
@@ -65,9 +65,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from aggregator.fedavg import AggregateResult, PlainFedAvg  # noqa: E402
+from aggregator.schedule import round_learning_rate  # noqa: E402
 from aggregator.secagg_server import SecAggServer  # noqa: E402
 from aggregator.server_opt import ServerOptSettings, server_step  # noqa: E402
-from clinic_agent.schedule import round_learning_rate  # noqa: E402
 from clinic_agent.secagg_client import SecAggClient  # noqa: E402
 from clinic_agent.training import (  # noqa: E402
     EpochBatches,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clinic_agent.privacy import PrivacyConfig
+from clinic_agent.training import CLASS_WEIGHTING
 from common.config import (
     AggregatorSection,
     LoggingSection,
@@ -37,7 +38,8 @@ class StorageSection:
 @dataclass(frozen=True)
 class TrainingSection:
     threads: int = 0  # 0: let PyTorch decide
-    class_weighting: str = "balanced"
+    # "logit_adjusted" (the measured recipe), "balanced", "sqrt" or "none".
+    class_weighting: str = "logit_adjusted"
     augment: bool = True
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -46,9 +48,9 @@ class TrainingSection:
     def validate(self) -> None:
         require(self.threads >= 0, "training.threads", "must be >= 0")
         require(
-            self.class_weighting in ("balanced", "none"),
+            self.class_weighting in CLASS_WEIGHTING,
             "training.class_weighting",
-            "must be 'balanced' or 'none'",
+            f"must be one of {', '.join(CLASS_WEIGHTING)}",
         )
         require(0 <= self.momentum < 1, "training.momentum", "must be in [0, 1)")
         require(self.weight_decay >= 0, "training.weight_decay", "must be >= 0")

@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Dirichlet label-skew concentration across clinics (default 1.0)",
     )
     demo.add_argument("--epochs", type=int, default=2, help="local epochs per round")
-    demo.add_argument("--lr", type=float, default=0.05, help="local learning rate")
+    demo.add_argument("--lr", type=float, default=0.002,
+                      help="base local learning rate (Adam; decays across rounds)")
     demo.add_argument("--image-size", type=int, default=64, help="model input size in pixels")
     demo.add_argument(
         "--max-images", type=int, default=0, help="use at most this many images of --data (0: all)"

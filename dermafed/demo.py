@@ -41,7 +41,7 @@ class DemoOptions:
     alpha: float = 1.0
     holdout_fraction: float = 0.2
     local_epochs: int = 2
-    learning_rate: float = 0.05
+    learning_rate: float = 0.002
     input_size: int = 64
     aggregation: str = "secure"
     dp: bool = True
@@ -149,7 +149,12 @@ def write_configs(
                 "train_deadline_s": opts.round_timeout_s,
                 "seed": opts.seed,
             },
-            "plan": {"local_epochs": opts.local_epochs, "learning_rate": opts.learning_rate},
+            "plan": {
+                "local_epochs": opts.local_epochs,
+                "learning_rate": opts.learning_rate,
+                # The cosine schedule decays over the demo's own rounds.
+                "lr_horizon_rounds": max(1, opts.rounds),
+            },
             "validation": {"holdout": holdout},
         },
     )
@@ -286,7 +291,9 @@ def format_row(row: RoundRow) -> str:
 def prepare_data(opts: DemoOptions, workdir: Path, out: Callable[[str], None]) -> tuple[Path, Path]:
     source = opts.data
     if source is None:
-        source = generate_synthetic(workdir / "data" / "synthetic", seed=opts.seed)
+        # Enough images that each clinic's DP budget lasts the demo's rounds.
+        source = generate_synthetic(workdir / "data" / "synthetic", images_per_class=120,
+                                    seed=opts.seed)
         out(f"data      synthetic lesion-like images (generated, not patient data): {source}")
     else:
         if not source.exists():

@@ -18,8 +18,8 @@ import torch
 from opacus.validators import ModuleValidator
 from PIL import Image
 
+from aggregator.schedule import round_learning_rate, schedule_factor
 from aggregator.server_opt import ServerOptSettings, server_step
-from clinic_agent.schedule import round_learning_rate, schedule_factor
 from clinic_agent.training import (
     AugmentPolicy,
     EpochBatches,
