@@ -204,10 +204,12 @@ def check_rounds_stage_timings_and_agents(prom: Prometheus,
                         '{job="dermafed-aggregator"}[10m])')
     seen = {c["metric"]["stage"]: float(c["value"][1]) for c in counts}
     assert {"aggregate", "validate"} < set(seen), seen
-    assert seen == {stage: in_ledger[stage] for stage in seen}
+    # Stages of the other aggregation mode exist with a count of zero (label children are
+    # created up front so increase() sees their first event).
+    assert seen == {stage: in_ledger.get(stage, 0) for stage in seen}
     p95 = prom.query('histogram_quantile(0.95, sum by (le, stage) (increase('
                      'dermafed_round_stage_duration_seconds_bucket[10m])))')
-    assert {q["metric"]["stage"] for q in p95} == set(seen)
+    assert {q["metric"]["stage"] for q in p95} >= {s for s, n in seen.items() if n}
 
     prom.wait_for('count(dermafed_validation_score{job="dermafed-aggregator"})', lambda v: v >= 1)
     contributed = prom.wait_for(
