@@ -29,6 +29,9 @@ class ServerSection:
     max_poll_wait_s: float = 30.0
     # Uploads receiving at once; each holds one model-sized buffer until it is committed.
     max_concurrent_uploads: int = 8
+    # Serve gRPC server reflection on the mTLS port (for grpcurl while debugging; callers
+    # still need a federation certificate). Off by default.
+    reflection: bool = False
 
     def validate(self) -> None:
         parse_hostport(self.listen, "server.listen")

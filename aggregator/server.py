@@ -17,6 +17,7 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from aggregator.checkpoints import CheckpointStore
@@ -137,6 +138,11 @@ def build_service(
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.server.reflection:
+        reflection.enable_server_reflection(
+            (FEDERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
+        )
     host, port = parse_hostport(config.server.listen, "server.listen")
     bound = server.add_secure_port(
         f"{host}:{port}", server_credentials(config.tls.ca_cert, config.tls.cert, config.tls.key)

@@ -395,3 +395,40 @@ def test_certificates_rotate_without_dropping_the_federation(federation):
         "dermafed_rejected_requests_total", {"method": "Poll", "code": "UNAUTHENTICATED"}) or 0
     # At most a poll or two raced the rotation; the agent reconnected with the new files.
     assert rejected <= 3
+
+
+def test_health_reports_serving_and_reflection_is_opt_in(federation):
+    """Kubernetes-style health checks, and server reflection only when configured."""
+    from dataclasses import replace as dc_replace
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+
+    def channel():
+        pair = federation.pki.clinics["clinic-a"]
+        creds = channel_credentials(federation.pki.ca_cert, pair.cert, pair.key)
+        return secure_channel(f"localhost:{federation.service.port}", creds)
+
+    service = federation.start_aggregator()
+    ch = channel()
+    status = health_pb2_grpc.HealthStub(ch).Check(
+        health_pb2.HealthCheckRequest(service="dermafed.v1.Federation"), timeout=5)
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        list(ProtoReflectionDescriptorDatabase(ch).get_services())
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    ch.close()
+    service.stop(grace=1.0)
+    federation.service = None
+
+    cfg = federation.aggregator_config()
+    federation.start_aggregator(dc_replace(
+        cfg, server=dc_replace(cfg.server, reflection=True),
+        storage=dc_replace(cfg.storage, state_dir=federation.tmp / "second-state")))
+    ch = channel()
+    services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    assert {"dermafed.v1.Federation", "dermafed.v1.Admin", "grpc.health.v1.Health"} <= services
+    ch.close()
