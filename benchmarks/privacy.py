@@ -76,7 +76,6 @@ from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 # benchmarks/ is a folder of scripts, not a package (and site-packages has an unrelated
 # ``benchmarks``), so quality.py is imported by its module name from this folder.
 from quality import (  # noqa: E402
-    HAM10000_PUBLISHED_COUNTS,
     ClinicData,
     Recipe,
     SecureAggregation,
@@ -101,6 +100,7 @@ from common.datasets import (  # noqa: E402
     group_split,
     labels_of,
     load_records,
+    public_class_weights,
 )
 from common.model import build_model, initial_state, parameter_count  # noqa: E402
 from common.partition import dirichlet_partition  # noqa: E402
@@ -124,16 +124,6 @@ TABLE_COLUMNS = (
     "train_ex_per_s",
     "wall_s",
 )
-
-
-def public_class_weights() -> list[float]:
-    """Balanced per-class weights from the published HAM10000 counts only (no local data).
-
-    Scaled so that the average weight over the published distribution is 1.
-    """
-    counts = np.asarray(HAM10000_PUBLISHED_COUNTS, dtype=np.float64)
-    weights = counts.sum() / (len(counts) * counts)
-    return [float(w) for w in weights]
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ from common import pki  # noqa: E402
 from common.clipping import clip_l2  # noqa: E402
 from common.datasets import (  # noqa: E402
     CLASSES,
+    HAM10000_PUBLISHED_COUNTS,
     ImageCache,
     Record,
     class_counts,
@@ -113,7 +114,6 @@ POOLED_MIN_MEL_SENSITIVITY = 0.60
 FEDERATED_FRACTION = {0.5: 0.95, 0.1: 0.90}
 # Class counts of the full HAM10000 release (Tschandl et al., Sci. Data 2018), in CLASSES
 # order: public knowledge, so every clinic may derive the same class weights from it.
-HAM10000_PUBLISHED_COUNTS: tuple[float, ...] = (327, 514, 1099, 115, 1113, 6705, 142)
 
 
 def default_data_dir() -> Path:

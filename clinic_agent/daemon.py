@@ -28,7 +28,7 @@ from clinic_agent.secure_rounds import SecureRounds
 from clinic_agent.training import TrainConfig, TrainResult, compute_delta, train_local
 from common.backoff import Backoff
 from common.clipping import add_gaussian_noise, clinic_noise_std, clip_l2
-from common.datasets import ImageCache, load_records
+from common.datasets import ImageCache, load_records, public_class_weights
 from common.fsutil import atomic_write
 from common.identity import identity_from_certificate
 from common.model import ModelConfig, build_model
@@ -246,6 +246,10 @@ class ClinicAgent:
             step = prepared.decision.step
             if step is None:
                 raise RuntimeError("an accepted DP decision must carry its mechanism")
+            # Class weights from the published HAM10000 counts: public, so they cost no
+            # budget (weights from the clinic's own label counts would leak outside DP).
+            weights = (public_class_weights()
+                       if prepared.tcfg.class_weighting != "none" else None)
             result = train_dp(
                 prepared.model_cfg,
                 prepared.global_state,
@@ -254,6 +258,7 @@ class ClinicAgent:
                 prepared.tcfg,
                 step,
                 max_grad_norm=prepared.decision.max_grad_norm,
+                class_weight=weights,
                 threads=threads,
             )
         else:

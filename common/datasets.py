@@ -446,3 +446,17 @@ def _read_disk_cache(path: Path, size: int) -> tuple[list[list[Any]], np.ndarray
         return files, pixels
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+# Class counts of the whole published HAM10000 release (Tschandl et al. 2018), in CLASSES
+# order. Public knowledge, so weights derived from them cost no privacy budget.
+HAM10000_PUBLISHED_COUNTS: tuple[float, ...] = (327, 514, 1099, 115, 1113, 6705, 142)
+
+
+def public_class_weights() -> list[float]:
+    """Balanced per-class loss weights from the published HAM10000 counts only (no local
+    data), scaled so the average weight over the published distribution is 1. DP-SGD uses
+    these: weights from a clinic's own label counts would not be differentially private."""
+    counts = np.asarray(HAM10000_PUBLISHED_COUNTS, dtype=np.float64)
+    weights = counts.sum() / (len(counts) * counts)
+    return [float(w) for w in weights]
