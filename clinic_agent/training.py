@@ -68,19 +68,19 @@ class TrainConfig:
     # drawn with replacement so each locally present class is equally likely (use it
     # with class_weighting "none", or the imbalance is corrected twice).
     sampling: str = "shuffle"
-    # Public class frequencies (any positive scale, one per class) to derive the
-    # class_weighting from instead of the local label counts; None: local counts. Under
-    # label skew, local balancing makes every clinic chase its own rare classes, and the
-    # weighted average of those objectives is not the federation's balanced objective;
-    # weights from one shared prior are (the sum of the clinics' losses is then exactly
-    # the pooled class-weighted loss).
+    # Public class frequencies (any positive scale, one per class) to derive the class
+    # weights (or, for logit_adjusted, the logit offsets) from instead of the local label
+    # counts; None: local counts. With one shared prior the clinics' weighted losses sum
+    # to the pooled weighted loss; on real HAM10000 with strong label skew it measured
+    # worse than the local logit adjustment (benchmarks/quality.py --class-prior).
     class_prior: tuple[float, ...] | None = None
     # Stop local training after this many optimiser steps (0: run all the epochs). Under
     # label skew, a big clinic's many local steps pull the average towards its own
     # optimum (client drift); capping them makes rounds cheaper and more frequent.
     max_steps: int = 0
-    # Run convolutions in channels_last memory format (faster on some CPUs, see
-    # benchmarks/quality.py --throughput); the weights and results are the same.
+    # Run convolutions in channels_last memory format; same results up to float
+    # rounding. Measured no faster on the 2-core development machine (the throughput
+    # section of benchmarks/quality.py), so off by default.
     channels_last: bool = False
 
     def __post_init__(self) -> None:
@@ -226,6 +226,11 @@ def class_weights(
     "sqrt" is the square root of that correction (weight ∝ count_c^-1/2), scaled so the
     weights average 1 over the examples; it tempers the huge weights a clinic with a
     handful of cases of one class would otherwise give them.
+
+    With ``prior`` (public class frequencies) the same formulas use the prior in place of
+    the local counts: every class gets a weight, whether or not it occurs locally, and all
+    clinics weigh a class alike; the weights are scaled so the local examples average 1.
+    "logit_adjusted" and "none" use no weights (None); see :func:`make_loss`.
     """
     if mode not in CLASS_WEIGHTING:
         raise ConfigError(f"class weighting must be one of {', '.join(CLASS_WEIGHTING)}")
