@@ -28,7 +28,12 @@ from clinic_agent.secure_rounds import SecureRounds
 from clinic_agent.training import TrainConfig, TrainResult, compute_delta, train_local
 from common.backoff import Backoff
 from common.clipping import add_gaussian_noise, clinic_noise_std, clip_l2
-from common.datasets import ImageCache, load_records, public_class_weights
+from common.datasets import (
+    ImageCache,
+    load_records,
+    public_class_weights,
+    public_logit_offsets,
+)
 from common.fsutil import atomic_write
 from common.identity import identity_from_certificate
 from common.model import ModelConfig, build_model
@@ -248,8 +253,11 @@ class ClinicAgent:
                 raise RuntimeError("an accepted DP decision must carry its mechanism")
             # Class weights from the published HAM10000 counts: public, so they cost no
             # budget (weights from the clinic's own label counts would leak outside DP).
-            weights = (public_class_weights()
-                       if prepared.tcfg.class_weighting != "none" else None)
+            # Per-example clipping erases loss weights, so "logit_adjusted" (the recipe)
+            # becomes a logit adjustment with the public prior; other modes public weights.
+            mode = prepared.tcfg.class_weighting
+            weights = public_class_weights() if mode in ("balanced", "sqrt") else None
+            offsets = public_logit_offsets() if mode == "logit_adjusted" else None
             result = train_dp(
                 prepared.model_cfg,
                 prepared.global_state,
@@ -259,6 +267,7 @@ class ClinicAgent:
                 step,
                 max_grad_norm=prepared.decision.max_grad_norm,
                 class_weight=weights,
+                logit_offsets=offsets,
                 threads=threads,
             )
         else:

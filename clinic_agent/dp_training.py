@@ -172,19 +172,31 @@ def poisson_batches(
 
 def per_example_loss_fn(
     class_weight: Sequence[float] | None,
+    logit_offsets: Sequence[float] | None = None,
 ) -> nn.Module:
-    """Mean over the batch of (optionally class-weighted) per-example cross-entropy."""
-    return _PerExampleMeanLoss(class_weight)
+    """Mean over the batch of (optionally class-weighted or logit-adjusted) per-example
+    cross-entropy."""
+    return _PerExampleMeanLoss(class_weight, logit_offsets)
 
 
 class _PerExampleMeanLoss(nn.Module):
-    def __init__(self, class_weight: Sequence[float] | None) -> None:
+    def __init__(self, class_weight: Sequence[float] | None,
+                 logit_offsets: Sequence[float] | None = None) -> None:
         super().__init__()
         self.weight = (
             None if class_weight is None else torch.tensor(list(class_weight), dtype=torch.float32)
         )
+        # Logit adjustment (Menon et al. 2021): train on logits + log prior, predict with the
+        # raw logits. Unlike loss weights it survives per-example clipping, which rescales
+        # every example's gradient to the same bound and so erases weights.
+        self.offsets = (
+            None if logit_offsets is None
+            else torch.tensor(list(logit_offsets), dtype=torch.float32)
+        )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.offsets is not None:
+            logits = logits + self.offsets
         losses = F.cross_entropy(logits, target, reduction="none")
         if self.weight is not None:
             losses = losses * self.weight[target]
@@ -246,6 +258,7 @@ def train_dp(
     *,
     max_grad_norm: float,
     class_weight: Sequence[float] | None = None,
+    logit_offsets: Sequence[float] | None = None,
     threads: int | None = None,
     noise_seed: int | None = None,
     secure_noise: bool = True,
@@ -292,7 +305,7 @@ def train_dp(
             generator=noise_gen, secure_noise=secure_noise,
         )
         augment_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        loss_fn = per_example_loss_fn(class_weight)
+        loss_fn = per_example_loss_fn(class_weight, logit_offsets)
         gsm.train()
         loss_sum, seen, empty, done = 0.0, 0, 0, 0
         start = time.perf_counter()

@@ -460,3 +460,10 @@ def public_class_weights() -> list[float]:
     counts = np.asarray(HAM10000_PUBLISHED_COUNTS, dtype=np.float64)
     weights = counts.sum() / (len(counts) * counts)
     return [float(w) for w in weights]
+
+
+def public_logit_offsets() -> list[float]:
+    """log of the published HAM10000 class frequencies: the logit adjustment DP-SGD trains
+    with (public, so it costs no privacy budget)."""
+    counts = np.asarray(HAM10000_PUBLISHED_COUNTS, dtype=np.float64)
+    return [float(v) for v in np.log(counts / counts.sum())]

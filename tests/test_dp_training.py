@@ -255,3 +255,21 @@ def test_dp_vs_plain_throughput_is_measured(capsys: pytest.CaptureFixture[str]) 
         print(f"\nDP-SGD vs plain throughput: {dp.examples_per_second:.0f} vs "
               f"{plain.examples_per_second:.0f} examples/s (ratio {ratio:.2f})")
     assert ratio > 0
+
+
+def test_logit_adjusted_loss_shifts_logits_by_the_public_prior() -> None:
+    """DP-SGD's class-imbalance handling: a logit shift survives per-example clipping."""
+    import torch.nn.functional as F
+
+    from clinic_agent.dp_training import per_example_loss_fn
+    from common.datasets import public_logit_offsets
+
+    offsets = public_logit_offsets()
+    assert len(offsets) == 7 and max(offsets) < 0  # log-probabilities of the prior
+    logits = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 1, 4, 5, 6])
+    got = per_example_loss_fn(None, offsets)(logits, target)
+    want = F.cross_entropy(logits + torch.tensor(offsets), target)
+    assert torch.allclose(got, want)
+    # Rare classes (akiec, df) get the most negative offsets: the loss pushes their logits up.
+    assert offsets[3] < offsets[5] and offsets[0] < offsets[5]
