@@ -2,7 +2,8 @@
 
 The held-out images are decoded once at start (they never change while the service
 runs) and every candidate is scored on the same array, so metrics are comparable across
-rounds.
+rounds. For a model with a fixed front end (``scatternet``) the front end's features of
+the held-out images are computed at the first evaluation and reused for every later one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from common.datasets import ImageCache, load_records
 from common.evaluation import EvalMetrics, compute_metrics, predict_proba
+from common.features import FeatureCache
 from common.model import ModelConfig
 
 log = logging.getLogger("dermafed.aggregator")
@@ -33,8 +35,11 @@ class HoldoutEvaluator:
         self.model_config = model_config
         self.images = ImageCache().load(records, model_config.input_size)
         self.labels = np.array([r.label for r in records], dtype=np.int64)
+        self.features = FeatureCache()
         log.info("held-out set: %d images from %s", len(records), source)
 
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> EvalMetrics:
-        probs = predict_proba(self.model_config, dict(state), self.images)
+        probs = predict_proba(
+            self.model_config, dict(state), self.images, features=self.features
+        )
         return compute_metrics(self.labels, probs)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clinic_agent.privacy import PrivacyConfig
-from clinic_agent.training import CLASS_WEIGHTING
+from clinic_agent.training import CLASS_WEIGHTING, DP_LOGIT_ADJUSTMENT
 from common.config import (
     AggregatorSection,
     LoggingSection,
@@ -44,9 +45,18 @@ class TrainingSection:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
+    # Under DP-SGD "logit_adjusted" uses the public HAM10000 prior at this strength (τ);
+    # per-example clipping erases much of the adjustment, hence more than 1
+    # (clinic_agent.training.DP_LOGIT_ADJUSTMENT).
+    dp_logit_adjustment: float = DP_LOGIT_ADJUSTMENT
 
     def validate(self) -> None:
         require(self.threads >= 0, "training.threads", "must be >= 0")
+        require(
+            math.isfinite(self.dp_logit_adjustment) and self.dp_logit_adjustment >= 0,
+            "training.dp_logit_adjustment",
+            "must be a finite number >= 0",
+        )
         require(
             self.class_weighting in CLASS_WEIGHTING,
             "training.class_weighting",

@@ -34,6 +34,7 @@ from common.datasets import (
     public_class_weights,
     public_logit_offsets,
 )
+from common.features import FeatureCache
 from common.fsutil import atomic_write
 from common.identity import identity_from_certificate
 from common.model import ModelConfig, build_model
@@ -76,6 +77,9 @@ class ClinicAgent:
         )
         self._export_privacy()
         self.images = ImageCache()
+        # A fixed front end's features (scatternet), kept across rounds: images rarely
+        # change between rounds and the front end costs far more than the head.
+        self.features = FeatureCache()
         self.secure = SecureRounds(self)
         self.last_round = 0
         self.history: list[RoundOutcome] = []
@@ -257,7 +261,11 @@ class ClinicAgent:
             # becomes a logit adjustment with the public prior; other modes public weights.
             mode = prepared.tcfg.class_weighting
             weights = public_class_weights() if mode in ("balanced", "sqrt") else None
-            offsets = public_logit_offsets() if mode == "logit_adjusted" else None
+            offsets = (
+                public_logit_offsets(self.config.training.dp_logit_adjustment)
+                if mode == "logit_adjusted"
+                else None
+            )
             result = train_dp(
                 prepared.model_cfg,
                 prepared.global_state,
@@ -269,6 +277,7 @@ class ClinicAgent:
                 class_weight=weights,
                 logit_offsets=offsets,
                 threads=threads,
+                features=self.features,
             )
         else:
             result = train_local(
@@ -278,6 +287,7 @@ class ClinicAgent:
                 prepared.labels,
                 prepared.tcfg,
                 threads=threads,
+                features=self.features,
             )
         train_seconds = time.monotonic() - t0
         vector = flatten(compute_delta(result.state, prepared.global_state))

@@ -62,9 +62,11 @@ from clinic_agent.training import (
     make_optimizer,
     prepare_batch,
     torch_threads,
+    training_inputs,
 )
 from common.errors import DermafedError
-from common.model import ModelConfig
+from common.features import FeatureCache
+from common.model import ModelConfig, trainable_part
 
 _OPACUS_PREFIX = "_module."
 
@@ -262,13 +264,17 @@ def train_dp(
     threads: int | None = None,
     noise_seed: int | None = None,
     secure_noise: bool = True,
+    features: FeatureCache | None = None,
 ) -> DPTrainResult:
     """Run DP-SGD with exactly ``mechanism`` (as planned and charged) from ``global_state``.
 
     ``cfg.epochs`` and ``cfg.batch_size`` are not used for the schedule: the mechanism's
     ``steps`` and ``sample_rate`` are (they were derived from them by ``plan_round``).
     ``cfg.class_weighting`` is ignored (see the module docstring); pass public per-class
-    weights as ``class_weight`` to weight the loss.
+    weights as ``class_weight`` to weight the loss. For a model with a fixed front end
+    (``scatternet``) only the head is made private and trained, on the front end's
+    features (``features`` caches them across rounds); the front end has no parameters,
+    so there is nothing of it to protect.
     """
     cfg.validate()
     labels = np.asarray(labels, dtype=np.int64)
@@ -291,16 +297,20 @@ def train_dp(
     sample_gen = torch.Generator().manual_seed(
         entropy_seed() if noise_seed is None else noise_seed + 1
     )
-    images_t = torch.from_numpy(np.ascontiguousarray(images_uint8))
     labels_t = torch.from_numpy(labels)
 
     with torch_threads(threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # dropout draws from the global generator
         model = make_model(model_cfg, global_state)
-        optimizer = make_optimizer(model, cfg)
-        proximal = ProximalTerm(model, cfg.fedprox_mu) if cfg.fedprox_mu > 0 else None
+        start = time.perf_counter()
+        inputs = torch.from_numpy(
+            np.ascontiguousarray(training_inputs(model_cfg, model, images_uint8, features))
+        )
+        trainable = trainable_part(model)
+        optimizer = make_optimizer(trainable, cfg)
+        proximal = ProximalTerm(trainable, cfg.fedprox_mu) if cfg.fedprox_mu > 0 else None
         gsm, dp_optimizer = make_private(
-            model, optimizer, noise_multiplier=mechanism.noise_multiplier,
+            trainable, optimizer, noise_multiplier=mechanism.noise_multiplier,
             max_grad_norm=max_grad_norm, expected_batch_size=expected_batch,
             generator=noise_gen, secure_noise=secure_noise,
         )
@@ -308,14 +318,13 @@ def train_dp(
         loss_fn = per_example_loss_fn(class_weight, logit_offsets)
         gsm.train()
         loss_sum, seen, empty, done = 0.0, 0, 0, 0
-        start = time.perf_counter()
         try:
             for idx in poisson_batches(n, mechanism.sample_rate, mechanism.steps, sample_gen):
                 if len(idx) == 0:
                     dp_step(gsm, dp_optimizer, None, None, loss_fn, proximal)
                     empty += 1
                 else:
-                    x = prepare_batch(images_t[idx], cfg.augment, augment_gen)
+                    x = prepare_batch(inputs[idx], cfg.augment, augment_gen)
                     loss = dp_step(gsm, dp_optimizer, x, labels_t[idx], loss_fn, proximal)
                     loss_sum += float(loss or 0.0) * len(idx)
                     seen += len(idx)

@@ -462,8 +462,9 @@ def public_class_weights() -> list[float]:
     return [float(w) for w in weights]
 
 
-def public_logit_offsets() -> list[float]:
-    """log of the published HAM10000 class frequencies: the logit adjustment DP-SGD trains
-    with (public, so it costs no privacy budget)."""
+def public_logit_offsets(strength: float = 1.0) -> list[float]:
+    """``strength`` × log of the published HAM10000 class frequencies: the logit
+    adjustment DP-SGD trains with (public, so it costs no privacy budget). See
+    ``clinic_agent.training.DP_LOGIT_ADJUSTMENT`` for why DP uses more than 1."""
     counts = np.asarray(HAM10000_PUBLISHED_COUNTS, dtype=np.float64)
-    return [float(v) for v in np.log(counts / counts.sum())]
+    return [float(strength * v) for v in np.log(counts / counts.sum())]

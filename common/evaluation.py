@@ -24,7 +24,8 @@ import torch
 
 from common.datasets import CLASSES, DatasetError, ImageCache, labels_of, load_records
 from common.errors import InvalidUpdateError
-from common.model import ModelConfig, build_model, to_input
+from common.features import FeatureCache, compute_features
+from common.model import ModelConfig, build_model, frontend_of, to_input, trainable_part
 from common.tensors import load_checkpoint_file
 
 ECE_BINS = 15
@@ -161,14 +162,32 @@ def predict_proba(
     state: Mapping[str, torch.Tensor],
     images_uint8: np.ndarray,
     batch_size: int = 256,
+    features: FeatureCache | None = None,
 ) -> np.ndarray:
-    """Softmax class probabilities (N, num_classes) in eval mode (no dropout, no grad)."""
+    """Softmax class probabilities (N, num_classes) in eval mode (no dropout, no grad).
+
+    A model with a fixed front end runs its head on the front end's features, taken from
+    ``features`` when given (the aggregator scores every candidate on the same held-out
+    images): the same numbers as the whole model on the images, computed once.
+    """
     model = load_model(model_cfg, state)
     out = np.empty((len(images_uint8), model_cfg.num_classes), dtype=np.float32)
+    frontend = frontend_of(model)
+    inputs: np.ndarray = images_uint8
+    if frontend is not None and len(images_uint8):
+        inputs = (
+            features.features(model_cfg, images_uint8)
+            if features is not None
+            else compute_features(frontend, images_uint8)
+        )
+    part = trainable_part(model)
     with torch.inference_mode():
-        for start in range(0, len(images_uint8), batch_size):
-            x = to_input(images_uint8[start : start + batch_size])
-            out[start : start + len(x)] = torch.softmax(model(x), dim=1).numpy()
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start : start + batch_size]
+            x = torch.from_numpy(np.ascontiguousarray(chunk)) if frontend is not None else (
+                to_input(chunk)
+            )
+            out[start : start + len(x)] = torch.softmax(part(x), dim=1).numpy()
     return out
 
 

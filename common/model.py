@@ -1,6 +1,6 @@
 """The lesion classifier shared by clinics and the aggregator.
 
-Two compact CNNs sized for training on two CPU cores, chosen by ``ModelConfig.arch``:
+Three compact models sized for training on two CPU cores, chosen by ``ModelConfig.arch``:
 
 * ``lesionres`` (the default): a stride-2 stem and three residual stages. Measured on real
   HAM10000 images (``benchmarks/quality.py``) it learns faster and reaches a higher macro
@@ -8,6 +8,10 @@ Two compact CNNs sized for training on two CPU cores, chosen by ``ModelConfig.ar
   full resolution.
 * ``lesionnet``: the original plain stack with a full-resolution stem, kept so existing
   checkpoints still load.
+* ``scatternet`` (the recipe under DP-SGD): a fixed wavelet-scattering front end
+  (``common.scattering``, no parameters) and a GroupNorm + linear head. Only the head
+  trains, so DP noise lands on 27k parameters instead of 680k; the front end's output
+  for an image never changes and is computed once (``common.features.FeatureCache``).
 
 Both use GroupNorm, never BatchNorm: batch statistics mix examples, which per-example
 gradient clipping (DP-SGD, Opacus) cannot allow, and they would also leak across clinics.
@@ -29,9 +33,10 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from common.scattering import ScatteringFrontend
 
 METADATA_KEY = "dermafed.model"
-ARCHITECTURES: tuple[str, ...] = ("lesionres", "lesionnet")
+ARCHITECTURES: tuple[str, ...] = ("lesionres", "lesionnet", "scatternet")
 
 # Per-channel mean and standard deviation of uint8 RGB pixels, measured on 1,500
 # HAM10000 images decoded at 64x64. Fixed constants (not per-clinic statistics): every
@@ -40,6 +45,9 @@ NORMALISATION: dict[str, tuple[float, float, float]] = {
     "mean": (194.1, 139.1, 145.1),
     "std": (35.4, 38.2, 42.3),
 }
+# scatternet: the scattering maps (a quarter of the input size) are average-pooled to
+# this grid before the head.
+SCATTER_GRID = 4
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,11 @@ class ModelConfig:
         _check_int("model.width", self.width, 4, 256)
         if self.width % 4:
             raise ConfigError(f"model.width: must be a multiple of 4, got {self.width}")
+        if self.arch == "scatternet" and self.input_size % (4 * SCATTER_GRID):
+            raise ConfigError(
+                f"model.input_size: scatternet needs a multiple of {4 * SCATTER_GRID}, "
+                f"got {self.input_size}"
+            )
         if (
             isinstance(self.dropout, bool)
             or not isinstance(self.dropout, int | float)
@@ -217,12 +230,53 @@ class LesionRes(nn.Module):
         return self.classifier(self.dropout(x))
 
 
+class ScatterNet(nn.Module):
+    """Fixed scattering features (3·81 channels on a 4×4 grid) -> GroupNorm -> linear.
+
+    ``frontend`` has no parameters and no persistent buffers, so the state dict (and every
+    checkpoint and delta) holds the head alone. GroupNorm over groups of 9 scattering
+    channels standardises each example on its own, which DP-SGD permits and which
+    Tramèr & Boneh found essential for training on scattering features. ``width`` is not
+    used: a wider head only adds parameters for the noise to land on.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.frontend = ScatteringFrontend(cfg.input_size, SCATTER_GRID)
+        channels = self.frontend.channels
+        classifier = nn.Linear(channels * SCATTER_GRID * SCATTER_GRID, cfg.num_classes)
+        nn.init.normal_(classifier.weight, std=0.01)
+        nn.init.zeros_(classifier.bias)
+        self.head = nn.Sequential(
+            nn.GroupNorm(channels // 9, channels),
+            nn.Flatten(),
+            nn.Dropout(cfg.dropout),
+            classifier,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.frontend(x))
+
+
+def frontend_of(model: nn.Module) -> nn.Module | None:
+    """The model's fixed (parameter-free) front end, or None when every layer trains."""
+    frontend = getattr(model, "frontend", None)
+    return frontend if isinstance(frontend, nn.Module) else None
+
+
+def trainable_part(model: nn.Module) -> nn.Module:
+    """What training updates: the head behind a fixed front end, else the whole model."""
+    return model.head if frontend_of(model) is not None else model  # type: ignore[return-value]
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """A freshly initialised model (uses the global torch RNG for initialisation)."""
     if cfg.arch == "lesionres":
         return LesionRes(cfg)
     if cfg.arch == "lesionnet":
         return LesionNet(cfg)
+    if cfg.arch == "scatternet":
+        return ScatterNet(cfg)
     raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}")  # pragma: no cover
 
 
