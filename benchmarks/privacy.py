@@ -1,44 +1,45 @@
 #!/usr/bin/env python
 """Record-level differential privacy at every clinic: what each ε budget costs in quality and time.
 
-    python benchmarks/privacy.py            # default: 4 DP/non-DP rows, ~15-25 min on 2 cores
-    python benchmarks/privacy.py --quick    # smoke run, a few minutes
+    python benchmarks/privacy.py            # default: 4 rows on the full pool, ~10 min on 2 cores
+    python benchmarks/privacy.py --quick    # smoke run, about a minute
     python benchmarks/privacy.py --json out.json
 
 One process, the project's real code paths (setup reused from ``benchmarks/quality.py``):
 
 1. ``../shared/data/ham10000_200x150`` is split by lesion: the test lesions (20%,
-   stratified by class) are held out first; the training pool is the rest, or a
-   lesion-grouped, class-stratified subset of it (``--train-fraction``; the default run
-   uses a subset so that it fits its time budget, and says so in its output).
+   stratified by class) are held out first; the training pool is the rest (or a
+   lesion-grouped, class-stratified subset of it with ``--train-fraction``).
 2. The pool is split into 4 clinics with Dirichlet(0.5) label skew (whole lesions).
-3. Every row runs the same budget: ``rounds x local_epochs`` passes of every clinic over
-   its data, the same model, optimiser, learning-rate schedule and batch size. Per round
-   each clinic trains from the global weights, either
+3. Every row trains the DP recipe's model (``scatternet``: fixed wavelet-scattering
+   features and a GroupNorm + linear head, see ``common/scattering.py`` for why) with the
+   same budget: ``rounds x local_epochs`` passes of every clinic over its data, the same
+   optimiser, learning-rate schedule and batch size. Per round each clinic trains from
+   the global weights, either
 
    * ``ε < ∞``: ``clinic_agent.dp_training.train_dp`` (Opacus DP-SGD: Poisson sampling at
-     q = B/n, per-example clipping to ``--max-grad-norm``, Gaussian noise). Each clinic's
-     noise multiplier is chosen so that its *total* ε over all rounds equals the row's
-     target at δ = 1e-5 (Opacus ``get_noise_multiplier``, RDP accountant), and the
+     q = B/n, per-example clipping to ``--max-grad-norm``, Gaussian noise, the public
+     HAM10000 prior as a logit adjustment at strength ``DP_LOGIT_ADJUSTMENT``). Each
+     clinic's noise multiplier is chosen so that its *total* ε over all rounds equals the
+     row's target at δ = 1e-5 (Opacus ``get_noise_multiplier``, RDP accountant), and the
      composed ε of the mechanisms that actually ran is checked with
      ``clinic_agent.privacy.epsilon_for``;
-   * ``ε = ∞``: ``clinic_agent.training.train_local`` (plain minibatch training);
+   * ``ε = ∞``: ``clinic_agent.training.train_local`` (plain minibatch training, the
+     public prior as a logit adjustment at strength 1);
 
    then clips its whole delta to the plan's clip norm (``common.clipping.clip_l2``); the
    clipped deltas go through a real secure-aggregation round (``SecAggClient`` x 4 against
    ``SecAggServer``) and the global model moves by their unweighted mean.
+   The scattering features of every image are computed once
+   (``common.features.FeatureCache``), as the agent does across rounds.
 4. Each row is evaluated on the test lesions (``common.evaluation.compute_metrics``):
    balanced accuracy, accuracy, macro AUROC, melanoma sensitivity.
-5. DP-SGD throughput is measured in the same run against plain training on the same
-   clinic data with the same batch size (interleaved repeats, best of each).
-
-Class weighting, the one asymmetry between the trainers: ``train_dp`` refuses weights
-derived from local label counts (they are a function of every record, so not private).
-Both trainers therefore use the same *public* per-class weights, derived from the
-published HAM10000 class counts: ``train_local`` via ``class_prior`` and ``train_dp`` via
-``class_weight``. (The two losses normalise differently — weighted mean vs mean of
-weighted per-example losses — which only rescales the loss, and Adam is insensitive to
-that scale.)
+5. Training throughput is measured in the same run, interleaved: DP-SGD against plain
+   training of the same model on the same clinic data and batch size (the features
+   already cached, as in every round after the first), the one-time cost of the
+   features, and plain training of the non-private recipe (``lesionres``, end to end
+   with augmentation) for scale. With ``--compare-lesionres`` the ε = 8 row is also run
+   with the end-to-end ``lesionres`` model, to show what DP-SGD does to it.
 
 Aggregation weights are uniform (a plain mean of the clipped deltas) and no training loss
 is sent: under DP the clinic's loss on its private data must not leave it.
@@ -90,7 +91,12 @@ from quality import (  # noqa: E402
 from aggregator.schedule import round_learning_rate  # noqa: E402
 from clinic_agent.dp_training import train_dp  # noqa: E402
 from clinic_agent.privacy import MechanismStep, epsilon_for, round_mechanism  # noqa: E402
-from clinic_agent.training import compute_delta, train_local  # noqa: E402
+from clinic_agent.training import (  # noqa: E402
+    DP_LOGIT_ADJUSTMENT,
+    compute_delta,
+    torch_threads,
+    train_local,
+)
 from common.clipping import clip_l2  # noqa: E402
 from common.datasets import (  # noqa: E402
     CLASSES,
@@ -100,9 +106,10 @@ from common.datasets import (  # noqa: E402
     group_split,
     labels_of,
     load_records,
-    public_class_weights,
+    public_logit_offsets,
 )
-from common.model import build_model, initial_state, parameter_count  # noqa: E402
+from common.features import FeatureCache, compute_features  # noqa: E402
+from common.model import build_model, frontend_of, initial_state, parameter_count  # noqa: E402
 from common.partition import dirichlet_partition  # noqa: E402
 from common.secagg.messages import plan_quantization  # noqa: E402
 from common.tensors import flatten, specs_of, unflatten  # noqa: E402
@@ -113,6 +120,7 @@ GOAL_EPSILON = 8.0
 GOAL_FRACTION_OF_NONPRIVATE_BA = 0.85
 GOAL_MAX_DP_SLOWDOWN = 3.0
 TABLE_COLUMNS = (
+    "model",
     "eps_target",
     "eps_achieved",
     "noise_multiplier",
@@ -138,6 +146,7 @@ class Settings:
 
 @dataclass
 class RowOutcome:
+    arch: str
     epsilon_target: float
     epsilon_achieved: float  # composed over all rounds, max over clinics; inf for non-private
     epsilon_per_clinic: list[float]
@@ -209,8 +218,15 @@ def run_privacy_row(
     seed: int,
     threads: int,
     log: Callable[[str], None],
+    features: FeatureCache,
+    recipe: Recipe | None = None,
 ) -> RowOutcome:
-    recipe = settings.recipe
+    """One row: ``rounds`` federated rounds at ``epsilon`` (inf: non-private).
+
+    ``recipe`` overrides the settings' model (the lesionres comparison row); everything
+    else — rounds, batch size, optimiser, schedule, clips, δ — is the settings'.
+    """
+    recipe = recipe or settings.recipe
     model_cfg = recipe.model_config()
     state = initial_state(model_cfg, seed)
     names = list(state)
@@ -218,7 +234,7 @@ def run_privacy_row(
     quant = plan_quantization(
         recipe.clip_norm, len(clinics), weight_max=recipe.weight_max, loss_max=recipe.loss_max
     )
-    weights = public_class_weights()
+    offsets = public_logit_offsets(DP_LOGIT_ADJUSTMENT)
     private = math.isfinite(epsilon)
     mechanisms: list[MechanismStep] = []
     sigmas: list[float] = []
@@ -262,15 +278,17 @@ def run_privacy_row(
                     cfg,
                     mechanisms[i],
                     max_grad_norm=settings.max_grad_norm,
-                    class_weight=weights,
+                    logit_offsets=offsets,
                     threads=threads,
+                    features=features,
                 )
                 ran[i].append(dp.mechanism)
                 empty += dp.empty_batches
                 new_state = dp.state
             else:
                 new_state = train_local(
-                    model_cfg, state, clinic.images, clinic.labels, cfg, threads=threads
+                    model_cfg, state, clinic.images, clinic.labels, cfg, threads=threads,
+                    features=features,
                 ).state
             train_s += time.perf_counter() - t0
             processed += recipe.local_epochs * len(clinic)
@@ -285,13 +303,14 @@ def run_privacy_row(
         state = {k: restored[k].clone() for k in names}
         agg_s += time.perf_counter() - t0
         log(
-            f"  ε={epsilon:g} round {r + 1}/{settings.rounds} lr {lr:.2e} "
+            f"  {recipe.arch} ε={epsilon:g} round {r + 1}/{settings.rounds} lr {lr:.2e} "
             f"|delta| median {np.median(norms[-len(clinics):]):.2f}"
         )
     wall = time.perf_counter() - started
     per_clinic = [epsilon_for(h, settings.delta) if h else math.inf for h in ran]
-    metrics = evaluate_state(model_cfg, state, test)
+    metrics = evaluate_state(model_cfg, state, test, features)
     return RowOutcome(
+        arch=recipe.arch,
         epsilon_target=epsilon,
         epsilon_achieved=max(per_clinic),
         epsilon_per_clinic=per_clinic,
@@ -322,7 +341,11 @@ def measure_dp_throughput(
     """Training examples/s of ``train_dp`` vs ``train_local``: same data, batch size, model.
 
     One local epoch each, interleaved ``repeats`` times on the shared machine; the best
-    run of each counts (the least disturbed by other work).
+    run of each counts (the least disturbed by other work). For a model with a fixed
+    front end the features are computed once beforehand, as in every round after a
+    clinic's first, and their one-time cost is reported on its own
+    (``features_images_per_s``). ``lesionres_plain_examples_per_s`` is plain end-to-end
+    training of the non-private recipe's model on the same images, for scale.
     """
     recipe = settings.recipe
     model_cfg = recipe.model_config()
@@ -335,17 +358,33 @@ def measure_dp_throughput(
         epochs=1,
     )
     mechanism = round_mechanism(n, recipe.batch_size, 1, sigma)
+    offsets = public_logit_offsets(DP_LOGIT_ADJUSTMENT)
+    out: dict[str, float] = {}
+    features = FeatureCache()
+    frontend = frontend_of(build_model(model_cfg))
+    if frontend is not None:
+        with torch_threads(threads):
+            t0 = time.perf_counter()
+            compute_features(frontend.eval(), images)
+            out["features_images_per_s"] = n / (time.perf_counter() - t0)
+        features.features(model_cfg, images)  # fill the cache for the timed runs
     # Untimed warm-up of both trainers on a couple of batches.
     warm = min(n, 2 * recipe.batch_size)
-    train_local(model_cfg, state, images[:warm], labels[:warm], cfg, threads=threads)
+    train_local(model_cfg, state, images[:warm], labels[:warm], cfg, threads=threads,
+                features=features)
     train_dp(model_cfg, state, images[:warm], labels[:warm], cfg,
              round_mechanism(warm, recipe.batch_size, 1, sigma),
-             max_grad_norm=settings.max_grad_norm, threads=threads)
+             max_grad_norm=settings.max_grad_norm, threads=threads, features=features)
+    end_to_end = Recipe().model_config()
+    e2e_state = initial_state(end_to_end, seed)
+    e2e_cfg = replace(Recipe().train_config(learning_rate=2e-3, fedprox_mu=0.0, seed=seed),
+                      epochs=1, batch_size=recipe.batch_size)
     plain: list[float] = []
     private: list[float] = []
+    e2e: list[float] = []
     for _ in range(repeats):
-        plain.append(train_local(model_cfg, state, images, labels, cfg, threads=threads)
-                     .examples_per_second)
+        plain.append(train_local(model_cfg, state, images, labels, cfg, threads=threads,
+                                 features=features).examples_per_second)
         private.append(
             train_dp(
                 model_cfg,
@@ -355,12 +394,16 @@ def measure_dp_throughput(
                 cfg,
                 mechanism,
                 max_grad_norm=settings.max_grad_norm,
-                class_weight=public_class_weights(),
+                logit_offsets=offsets,
                 threads=threads,
+                features=features,
             ).examples_per_second
         )
+        if frontend is not None:
+            e2e.append(train_local(end_to_end, e2e_state, images, labels, e2e_cfg,
+                                   threads=threads).examples_per_second)
     best_plain, best_dp = max(plain), max(private)
-    return {
+    out.update({
         "plain_examples_per_s": best_plain,
         "dp_examples_per_s": best_dp,
         "dp_slowdown_x": best_plain / best_dp,
@@ -368,7 +411,10 @@ def measure_dp_throughput(
         "repeats": repeats,
         "batch_size": recipe.batch_size,
         "noise_multiplier": sigma,
-    }
+    })
+    if e2e:
+        out["lesionres_plain_examples_per_s"] = max(e2e)
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -394,6 +440,7 @@ def table_rows(outcomes: Sequence[RowOutcome]) -> list[dict[str, str]]:
         )
         rows.append(
             {
+                "model": o.arch,
                 "eps_target": fmt_target(o.epsilon_target),
                 "eps_achieved": fmt_eps(o.epsilon_achieved),
                 "noise_multiplier": (
@@ -424,7 +471,11 @@ def render_table(outcomes: Sequence[RowOutcome]) -> str:
 def goals(outcomes: Sequence[RowOutcome], throughput: dict[str, float]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     baseline = next((o for o in outcomes if not o.private), None)
-    at_goal = next((o for o in outcomes if o.epsilon_target == GOAL_EPSILON), None)
+    at_goal = next(
+        (o for o in outcomes
+         if o.epsilon_target == GOAL_EPSILON and baseline is not None and o.arch == baseline.arch),
+        None,
+    )
     if baseline is not None and at_goal is not None:
         need = GOAL_FRACTION_OF_NONPRIVATE_BA * baseline.test["balanced_accuracy"]
         got = at_goal.test["balanced_accuracy"]
@@ -464,7 +515,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="decoded-image cache and table.md (default bench-out/privacy)")
     p.add_argument("--cache-dir", type=Path, default=None, help="default <out>/cache")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--quick", action="store_true", help="smoke run: small subset, 2 rounds")
+    p.add_argument("--quick", action="store_true", help="smoke run: small subset, 3 rounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--clinics", type=int, default=4)
@@ -479,6 +530,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="about this many training images (overrides --train-fraction)")
     p.add_argument("--test-images", type=int, default=None,
                    help="about this many test images (lesion-grouped subset of the test split)")
+    p.add_argument("--arch", default=None, help=f"model (default {DP_RECIPE.arch})")
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -488,18 +540,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-per-clinic", type=int, default=20)
     p.add_argument("--throughput-examples", type=int, default=None)
     p.add_argument("--throughput-repeats", type=int, default=None)
+    p.add_argument("--compare-lesionres", action="store_true",
+                   help="also run the ε=8 row with the end-to-end lesionres model")
     return p.parse_args(argv)
 
 
+# The DP recipe (what `dermafed demo` trains with DP on): scattering features and a
+# linear head (common/model.py, "scatternet"), Adam at 0.02 with batches of 64 for 30
+# rounds of one local epoch. Measured in a simulation of this benchmark: DP-SGD needs the
+# larger step (lr 0.005 gave balanced accuracy 0.27 at ε = 8, 0.02 gave 0.30) while
+# non-private training of the same head hardly cares (0.39 at 0.005, 0.39 at 0.02).
+DP_RECIPE = replace(
+    Recipe(), arch="scatternet", class_prior="public", learning_rate=0.02, batch_size=64
+)
+DP_ROUNDS = 30
+
+
 def build_settings(args: argparse.Namespace) -> Settings:
-    # Smaller than quality.py's 64 px / width 24 so that four rows of DP-SGD (per-example
-    # gradients are several times the cost of a plain step) fit the time budget.
-    recipe = replace(Recipe(), input_size=48, width=16, class_prior="public")
-    rounds, local_epochs = 6, 1
+    recipe = DP_RECIPE
+    rounds, local_epochs = DP_ROUNDS, 1
     if args.quick:
-        recipe = replace(recipe, input_size=32)
-        rounds = 2
+        rounds = 3
+        recipe = replace(recipe, batch_size=16)  # the quick run's smallest clinic is ~40
     overrides = {
+        "arch": args.arch,
         "input_size": args.input_size,
         "width": args.width,
         "batch_size": args.batch_size,
@@ -518,6 +582,12 @@ def build_settings(args: argparse.Namespace) -> Settings:
     recipe.train_config(learning_rate=recipe.learning_rate, fedprox_mu=0.0, seed=0).validate()
     return Settings(recipe=recipe, rounds=rounds, max_grad_norm=args.max_grad_norm,
                     delta=args.delta)
+
+
+def lesionres_recipe(settings: Settings) -> Recipe:
+    """The end-to-end comparison model, trained exactly like the DP recipe otherwise."""
+    base = Recipe()
+    return replace(settings.recipe, arch=base.arch, width=base.width, dropout=base.dropout)
 
 
 def subset(records: Sequence[Record], fraction: float | None, count: int | None,
@@ -559,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest, test_records = group_split(records, 0.2, args.seed)
     train_fraction = args.train_fraction
     if train_fraction is None:
-        train_fraction = 0.06 if args.quick else 0.2
+        train_fraction = 0.1 if args.quick else 1.0
     test_fraction = 0.3 if args.quick and args.test_images is None else None
     train = subset(rest, train_fraction, args.train_images, args.seed + 2)
     test_records = subset(test_records, test_fraction, args.test_images, args.seed + 4)
@@ -589,6 +659,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     log(f"decode/cache: {time.perf_counter() - t0:.1f}s; clinics {[len(c) for c in clinics]} "
         f"(Dirichlet α={args.alpha:g})")
+    features = FeatureCache()
+    if frontend_of(build_model(recipe.model_config())) is not None:
+        # Once per image, before any row (the agent does it in its first round), so that
+        # no row's training time includes it.
+        t0 = time.perf_counter()
+        with torch_threads(args.threads):
+            for data in (*clinics, test):
+                features.features(recipe.model_config(), data.images)
+        log(f"front-end features: {features.computed} images in "
+            f"{time.perf_counter() - t0:.1f}s, once for every row")
     log(f"model {recipe.arch} width {recipe.width} at {size}px: "
         f"{parameter_count(build_model(recipe.model_config())):,} parameters; "
         f"{settings.rounds} rounds x {recipe.local_epochs} local epoch(s), batch "
@@ -626,12 +706,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcomes: list[RowOutcome] = []
     try:
         secure = SecureAggregation(workdir, clinic_names)
-        for eps in epsilons:
+        plan: list[tuple[float, Recipe]] = [(eps, recipe) for eps in epsilons]
+        if args.compare_lesionres and recipe.arch != "lesionres":
+            plan.append((GOAL_EPSILON, lesionres_recipe(settings)))
+        for eps, row_recipe in plan:
             outcome = run_privacy_row(eps, settings, clinics, test, secure=secure,
-                                      seed=args.seed, threads=args.threads, log=log)
+                                      seed=args.seed, threads=args.threads, log=log,
+                                      features=features, recipe=row_recipe)
             outcomes.append(outcome)
             t = outcome.test
-            log(f"row ε={fmt_target(eps)}: achieved {fmt_eps(outcome.epsilon_achieved)} σ "
+            log(f"row {row_recipe.arch} ε={fmt_target(eps)}: achieved "
+                f"{fmt_eps(outcome.epsilon_achieved)} σ "
                 f"{[round(s, 3) for s in outcome.noise_multipliers]} BA "
                 f"{t['balanced_accuracy']:.3f} acc {t['accuracy']:.3f} AUROC "
                 f"{t['macro_auroc']:.3f} mel {t['mel_sensitivity']:.3f} in "
@@ -640,8 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    finite = [o for o in outcomes if o.private]
-    plain_rows = [o for o in outcomes if not o.private]
+    finite = [o for o in outcomes if o.private and o.arch == recipe.arch]
+    plain_rows = [o for o in outcomes if not o.private and o.arch == recipe.arch]
     if throughput and finite and plain_rows:
         throughput["in_run_slowdown_x"] = plain_rows[0].train_examples_per_second / min(
             o.train_examples_per_second for o in finite
@@ -655,12 +740,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"Every row: {subset_note}; {args.clinics} clinics, Dirichlet α={args.alpha:g}; "
           f"secure aggregation; {settings.rounds} rounds x {recipe.local_epochs} local "
-          f"epoch(s); public class weights for every row; δ={settings.delta:g}.")
+          f"epoch(s), batch {recipe.batch_size}, {recipe.optimizer} lr "
+          f"{recipe.learning_rate:g}; the public HAM10000 prior as a logit adjustment "
+          f"(strength {DP_LOGIT_ADJUSTMENT:g} under DP-SGD, 1 without); δ={settings.delta:g}.")
     if throughput:
         print(f"DP-SGD throughput: {throughput['dp_examples_per_s']:.1f} vs "
               f"{throughput['plain_examples_per_s']:.1f} examples/s non-private = "
               f"{throughput['dp_slowdown_x']:.2f}x slower (in-run rows: "
-              f"{throughput['in_run_slowdown_x']:.2f}x)")
+              f"{throughput.get('in_run_slowdown_x', math.nan):.2f}x)")
+        if "features_images_per_s" in throughput:
+            print(f"front end: {throughput['features_images_per_s']:.1f} images/s, once per "
+                  f"image; end-to-end lesionres (plain, with augmentation): "
+                  f"{throughput['lesionres_plain_examples_per_s']:.1f} examples/s")
     for g in checks:
         note = f" ({g['note']})" if "note" in g else ""
         print(f"goal: {g['goal']}: {g['value']:.2f} -> {'MET' if g['met'] else 'MISSED'}{note}")
@@ -680,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "train_pool_images": len(rest),
             "test_images": len(test_records),
             "test_counts": class_counts(test_records).tolist(),
-            "class_weights": public_class_weights(),
+            "logit_offsets_dp": public_logit_offsets(DP_LOGIT_ADJUSTMENT),
             "columns": list(TABLE_COLUMNS),
             "table": table_rows(outcomes),
             "rows": [

@@ -94,6 +94,7 @@ from common.datasets import (  # noqa: E402
     load_records,
 )
 from common.evaluation import EvalMetrics, compute_metrics, evaluate_checkpoint, predict_proba  # noqa: E402
+from common.features import FeatureCache  # noqa: E402
 from common.model import (  # noqa: E402
     ModelConfig,
     build_model,
@@ -427,10 +428,14 @@ def plain_aggregate(
 
 
 def evaluate_state(
-    model_cfg: ModelConfig, state: dict[str, torch.Tensor], data: ClinicData
+    model_cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    data: ClinicData,
+    features: FeatureCache | None = None,
 ) -> EvalMetrics:
     """Exactly what ``dermafed evaluate`` computes (same decoder, same predict_proba)."""
-    return compute_metrics(data.labels, predict_proba(model_cfg, state, np.asarray(data.images)))
+    probs = predict_proba(model_cfg, state, np.asarray(data.images), features=features)
+    return compute_metrics(data.labels, probs)
 
 
 def clinic_seed(base: int, clinic: int, round_index: int) -> int:

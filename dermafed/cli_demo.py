@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.model import ARCHITECTURES
 from dermafed.demo import DemoOptions, run_demo
 
 
@@ -40,8 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Dirichlet label-skew concentration across clinics (default 1.0)",
     )
     demo.add_argument("--epochs", type=int, default=2, help="local epochs per round")
-    demo.add_argument("--lr", type=float, default=0.002,
-                      help="base local learning rate (Adam; decays across rounds)")
+    demo.add_argument("--lr", type=float, default=None,
+                      help="base local learning rate (Adam; decays across rounds; default: "
+                      "the recipe's, 0.02 with DP, 0.002 without)")
+    demo.add_argument("--model", dest="arch", choices=ARCHITECTURES, default=None,
+                      help="model architecture (default: scatternet with DP, lesionres "
+                      "without)")
     demo.add_argument("--image-size", type=int, default=64, help="model input size in pixels")
     demo.add_argument(
         "--max-images", type=int, default=0, help="use at most this many images of --data (0: all)"
@@ -86,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         local_epochs=args.epochs,
         learning_rate=args.lr,
+        arch=args.arch,
         input_size=args.image_size,
         max_images=args.max_images,
         aggregation=args.aggregation,
