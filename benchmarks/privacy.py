@@ -540,6 +540,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-per-clinic", type=int, default=20)
     p.add_argument("--throughput-examples", type=int, default=None)
     p.add_argument("--throughput-repeats", type=int, default=None)
+    p.add_argument("--no-throughput", action="store_true",
+                   help="skip the throughput measurement")
     p.add_argument("--compare-lesionres", action="store_true",
                    help="also run the ε=8 row with the end-to-end lesionres model")
     return p.parse_args(argv)
@@ -681,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # slow), which would otherwise be charged to whichever row runs first.
     throughput: dict[str, float] = {}
     finite_targets = [e for e in epsilons if math.isfinite(e)]
-    if finite_targets and len(finite_targets) < len(epsilons):
+    if finite_targets and len(finite_targets) < len(epsilons) and not args.no_throughput:
         ref_eps = GOAL_EPSILON if GOAL_EPSILON in finite_targets else finite_targets[-1]
         largest = clinics[max(range(len(clinics)), key=lambda i: len(clinics[i]))]
         sigma, _ = noise_for_budget(ref_eps, settings.delta, len(largest), recipe.batch_size,

@@ -8,7 +8,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
+
+from dermafed.demo import DemoOptions, write_configs
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -82,3 +85,18 @@ def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path):
     unfinished = conn.execute("SELECT COUNT(*) FROM rounds WHERE outcome IS NULL").fetchone()[0]
     conn.close()
     assert unfinished == 0  # the aggregator aborted the running round before it stopped
+
+
+def test_demo_trains_the_measured_recipe_for_its_privacy_mode(tmp_path: Path):
+    """DP on: scattering features and a linear head at Adam 0.02; off: lesionres at 0.002."""
+    for opts, arch, lr in [
+        (DemoOptions(), "scatternet", 0.02),
+        (DemoOptions(dp=False), "lesionres", 0.002),
+        (DemoOptions(arch="lesionres"), "lesionres", 0.002),
+        (DemoOptions(arch="scatternet", learning_rate=0.05), "scatternet", 0.05),
+    ]:
+        agg, agents, _ = write_configs(opts, tmp_path, ["clinic-1"], tmp_path, tmp_path)
+        config = tomllib.loads(agg.read_text())
+        assert (config["model"]["arch"], config["plan"]["learning_rate"]) == (arch, lr)
+        privacy = tomllib.loads(agents[0].read_text())["privacy"]
+        assert privacy["mode"] == ("dp-sgd" if opts.dp else "off")
