@@ -158,10 +158,22 @@ class RowOutcome:
     examples_processed: int
     empty_batches: int = 0
     delta_norms: list[float] = field(default_factory=list)
+    # Headline test metrics of every repetition of this row (DP noise is drawn from OS
+    # entropy, so repetitions differ); ``test`` is the first repetition's full report.
+    runs: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def private(self) -> bool:
         return math.isfinite(self.epsilon_target)
+
+    def mean(self, metric: str) -> float:
+        values = [r[metric] for r in self.runs] if self.runs else [self.test[metric]]
+        return float(np.mean(values))
+
+    def spread(self, metric: str) -> float:
+        """Sample standard deviation over repetitions (0 for a single run)."""
+        values = [r[metric] for r in self.runs]
+        return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
     @property
     def train_examples_per_second(self) -> float:
@@ -375,7 +387,7 @@ def measure_dp_throughput(
     train_dp(model_cfg, state, images[:warm], labels[:warm], cfg,
              round_mechanism(warm, recipe.batch_size, 1, sigma),
              max_grad_norm=settings.max_grad_norm, threads=threads, features=features)
-    end_to_end = Recipe().model_config()
+    end_to_end = replace(Recipe(), input_size=recipe.input_size).model_config()
     e2e_state = initial_state(end_to_end, seed)
     e2e_cfg = replace(Recipe().train_config(learning_rate=2e-3, fedprox_mu=0.0, seed=seed),
                       epochs=1, batch_size=recipe.batch_size)
@@ -428,16 +440,25 @@ def fmt_eps(e: float) -> str:
     return "inf" if math.isinf(e) else f"{e:.3f}"
 
 
+HEADLINE = ("balanced_accuracy", "accuracy", "macro_auroc", "mel_sensitivity")
+
+
+def headline(test: dict[str, Any]) -> dict[str, float]:
+    return {k: float(test[k]) for k in HEADLINE}
+
+
+def fmt_metric(o: RowOutcome, metric: str) -> str:
+    if len(o.runs) > 1:
+        return f"{o.mean(metric):.3f} ± {o.spread(metric):.3f}"
+    return f"{o.mean(metric):.3f}"
+
+
 def table_rows(outcomes: Sequence[RowOutcome]) -> list[dict[str, str]]:
     baseline = next((o for o in outcomes if not o.private), None)
     rows = []
     for o in outcomes:
-        t = o.test
-        pct = (
-            f"{100 * t['balanced_accuracy'] / baseline.test['balanced_accuracy']:.0f}%"
-            if baseline is not None and baseline.test["balanced_accuracy"] > 0
-            else "n/a"
-        )
+        base_ba = baseline.mean("balanced_accuracy") if baseline is not None else 0.0
+        pct = f"{100 * o.mean('balanced_accuracy') / base_ba:.0f}%" if base_ba > 0 else "n/a"
         rows.append(
             {
                 "model": o.arch,
@@ -446,10 +467,10 @@ def table_rows(outcomes: Sequence[RowOutcome]) -> list[dict[str, str]]:
                 "noise_multiplier": (
                     "/".join(f"{s:.2f}" for s in o.noise_multipliers) if o.private else "—"
                 ),
-                "bal_acc": f"{t['balanced_accuracy']:.3f}",
-                "acc": f"{t['accuracy']:.3f}",
-                "macro_auroc": f"{t['macro_auroc']:.3f}",
-                "mel_sens": f"{t['mel_sensitivity']:.3f}",
+                "bal_acc": fmt_metric(o, "balanced_accuracy"),
+                "acc": fmt_metric(o, "accuracy"),
+                "macro_auroc": fmt_metric(o, "macro_auroc"),
+                "mel_sens": fmt_metric(o, "mel_sensitivity"),
                 "pct_nonprivate_BA": pct,
                 "train_ex_per_s": f"{o.train_examples_per_second:.1f}",
                 "wall_s": f"{o.wall_seconds:.0f}",
@@ -477,20 +498,20 @@ def goals(outcomes: Sequence[RowOutcome], throughput: dict[str, float]) -> list[
         None,
     )
     if baseline is not None and at_goal is not None:
-        need = GOAL_FRACTION_OF_NONPRIVATE_BA * baseline.test["balanced_accuracy"]
-        got = at_goal.test["balanced_accuracy"]
+        need = GOAL_FRACTION_OF_NONPRIVATE_BA * baseline.mean("balanced_accuracy")
+        got = at_goal.mean("balanced_accuracy")
         out.append(
             {
                 "goal": f"ε={GOAL_EPSILON:g} keeps ≥ {GOAL_FRACTION_OF_NONPRIVATE_BA:.0%} of "
                 "non-private balanced accuracy",
-                "value": got / baseline.test["balanced_accuracy"]
-                if baseline.test["balanced_accuracy"] > 0
+                "value": got / baseline.mean("balanced_accuracy")
+                if baseline.mean("balanced_accuracy") > 0
                 else math.nan,
                 "met": bool(got >= need),
             }
         )
         chance = 1.0 / len(CLASSES)
-        if baseline.test["balanced_accuracy"] <= chance + 0.01:
+        if baseline.mean("balanced_accuracy") <= chance + 0.01:
             out[-1]["note"] = (
                 "non-private row is at chance balanced accuracy: the comparison is vacuous"
             )
@@ -540,6 +561,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-per-clinic", type=int, default=20)
     p.add_argument("--throughput-examples", type=int, default=None)
     p.add_argument("--throughput-repeats", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each DP row (fresh noise each; mean ± sd reported)")
     p.add_argument("--no-throughput", action="store_true",
                    help="skip the throughput measurement")
     p.add_argument("--compare-lesionres", action="store_true",
@@ -578,6 +601,8 @@ def build_settings(args: argparse.Namespace) -> Settings:
     recipe = replace(recipe, local_epochs=local_epochs, epochs=rounds * local_epochs)
     if rounds < 1 or local_epochs < 1:
         raise ValueError("--rounds and --local-epochs must be >= 1")
+    if args.repeats < 1:
+        raise ValueError("--repeats must be >= 1")
     if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm > 0):
         raise ValueError("--max-grad-norm must be > 0")
     recipe.model_config()  # validate before spending any time
@@ -712,15 +737,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare_lesionres and recipe.arch != "lesionres":
             plan.append((GOAL_EPSILON, lesionres_recipe(settings)))
         for eps, row_recipe in plan:
+            # Non-private rows are seeded and repeat exactly; DP rows draw fresh noise.
+            repeats = args.repeats if math.isfinite(eps) else 1
             outcome = run_privacy_row(eps, settings, clinics, test, secure=secure,
                                       seed=args.seed, threads=args.threads, log=log,
                                       features=features, recipe=row_recipe)
+            outcome.runs = [headline(outcome.test)]
+            for _ in range(repeats - 1):
+                again = run_privacy_row(eps, settings, clinics, test, secure=secure,
+                                        seed=args.seed, threads=args.threads, log=log,
+                                        features=features, recipe=row_recipe)
+                outcome.runs.append(headline(again.test))
             outcomes.append(outcome)
             t = outcome.test
             log(f"row {row_recipe.arch} ε={fmt_target(eps)}: achieved "
                 f"{fmt_eps(outcome.epsilon_achieved)} σ "
                 f"{[round(s, 3) for s in outcome.noise_multipliers]} BA "
-                f"{t['balanced_accuracy']:.3f} acc {t['accuracy']:.3f} AUROC "
+                f"{fmt_metric(outcome, 'balanced_accuracy')} acc {t['accuracy']:.3f} AUROC "
                 f"{t['macro_auroc']:.3f} mel {t['mel_sensitivity']:.3f} in "
                 f"{outcome.wall_seconds:.0f}s (train {outcome.train_seconds:.0f}s, secagg "
                 f"{outcome.aggregation_seconds:.1f}s)")

@@ -157,10 +157,11 @@ def test_privacy_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 0
 
     printed = capsys.readouterr().out
-    header = next(line for line in printed.splitlines() if line.startswith("| eps_target"))
+    header = next(line for line in printed.splitlines() if line.startswith("| model"))
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert columns == list(bench.TABLE_COLUMNS)
     for column in (
+        "model",
         "eps_target",
         "eps_achieved",
         "noise_multiplier",
@@ -198,3 +199,11 @@ def test_privacy_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert throughput["dp_slowdown_x"] == pytest.approx(
         throughput["plain_examples_per_s"] / throughput["dp_examples_per_s"]
     )
+    # The DP recipe's fixed front end: its one-time cost and the end-to-end CNN beside it.
+    assert report["recipe"]["arch"] == "scatternet"
+    assert throughput["features_images_per_s"] > 0
+    assert throughput["lesionres_plain_examples_per_s"] > 0
+    # Each DP row ran --repeats times with fresh noise; the table reports mean ± sd.
+    assert len(private["runs"]) == 3 and len(plain["runs"]) == 1
+    assert private["test"]["balanced_accuracy"] == private["runs"][0]["balanced_accuracy"]
+    assert " ± " in next(line for line in printed.splitlines() if line.startswith("| scatternet | 8"))
