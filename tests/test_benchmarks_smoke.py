@@ -206,4 +206,5 @@ def test_privacy_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # Each DP row ran --repeats times with fresh noise; the table reports mean ± sd.
     assert len(private["runs"]) == 3 and len(plain["runs"]) == 1
     assert private["test"]["balanced_accuracy"] == private["runs"][0]["balanced_accuracy"]
-    assert " ± " in next(line for line in printed.splitlines() if line.startswith("| scatternet | 8"))
+    eps8_line = next(line for line in printed.splitlines() if line.startswith("| scatternet | 8"))
+    assert " ± " in eps8_line
