@@ -3,7 +3,7 @@
 Why it exists: under DP-SGD every trainable parameter receives Gaussian noise on every
 step, so the noise grows with the square root of the parameter count while the signal
 does not. A network learning its own features from a few thousand images per clinic
-drowns in that noise (measured: end-to-end CNNs collapse to the majority class at ε = 8).
+drowns in that noise (measured: end-to-end CNNs collapse to one or two classes at ε = 8).
 Scattering features are computed from fixed wavelets, cost no privacy, and leave only a
 small head to train, which is what Tramèr & Boneh ("Differentially Private Learning Needs
 Better Features", ICLR 2021) found works best for DP training without public data.
