@@ -41,6 +41,8 @@ class TrainingSection:
     threads: int = 0  # 0: let PyTorch decide
     # "logit_adjusted" (the measured recipe), "balanced", "sqrt" or "none".
     class_weighting: str = "logit_adjusted"
+    # Per-batch augmentation; a model with a fixed front end (scatternet) trains on
+    # features computed once per image and so always without it.
     augment: bool = True
     momentum: float = 0.9
     weight_decay: float = 0.0

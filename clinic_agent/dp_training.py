@@ -62,10 +62,9 @@ from clinic_agent.training import (
     make_optimizer,
     prepare_batch,
     torch_threads,
-    training_inputs,
 )
 from common.errors import DermafedError
-from common.features import FeatureCache
+from common.features import FeatureCache, model_inputs
 from common.model import ModelConfig, trainable_part
 
 _OPACUS_PREFIX = "_module."
@@ -304,7 +303,7 @@ def train_dp(
         model = make_model(model_cfg, global_state)
         start = time.perf_counter()
         inputs = torch.from_numpy(
-            np.ascontiguousarray(training_inputs(model_cfg, model, images_uint8, features))
+            np.ascontiguousarray(model_inputs(model_cfg, model, images_uint8, features))
         )
         trainable = trainable_part(model)
         optimizer = make_optimizer(trainable, cfg)

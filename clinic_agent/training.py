@@ -34,12 +34,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.errors import ConfigError, InvalidUpdateError, PreconditionError
-from common.features import FeatureCache, compute_features
+from common.features import FeatureCache, model_inputs
 from common.model import (
     NORMALISATION,
     ModelConfig,
     build_model,
-    frontend_of,
     to_input,
     trainable_part,
 )
@@ -65,7 +64,7 @@ class TrainConfig:
     # How class imbalance is handled (see make_loss): "logit_adjusted" (the recipe),
     # "balanced" or "sqrt" loss weights, or "none".
     class_weighting: str = "logit_adjusted"
-    augment: bool = True
+    augment: bool = True  # ignored by models with a fixed front end (see model_inputs)
     seed: int = 0
     # Augmentation policy (used when ``augment`` is on): random resized crops keep at
     # least ``crop_scale`` of the image's area (1.0: no crops); brightness, contrast and
@@ -521,8 +520,9 @@ def prepare_batch(
     """Raw uint8 batch -> normalised, optionally augmented, model input.
 
     ``policy`` None means :data:`DEFAULT_POLICY` (the DP module relies on that default).
-    A float batch is a fixed front end's features (:func:`training_inputs`): already the
-    input of the part that trains, and not an image, so it passes through unchanged.
+    A float batch is a fixed front end's features (:func:`common.features.model_inputs`):
+    already the input of the part that trains, and not an image, so it passes through
+    unchanged.
     """
     if images_uint8.is_floating_point():
         return images_uint8
@@ -639,27 +639,6 @@ def check_training_data(
         )
 
 
-def training_inputs(
-    model_cfg: ModelConfig,
-    model: nn.Module,
-    images_uint8: np.ndarray,
-    features: FeatureCache | None = None,
-) -> np.ndarray:
-    """What the trainable part of ``model`` is fed, one row per example.
-
-    The raw images for a model that trains end to end; for a model with a fixed front
-    end (``scatternet``), the front end's float32 features, computed once here (or taken
-    from ``features``), so that every optimiser step runs the head alone. Per-batch
-    augmentation cannot apply to precomputed features; such models train without it.
-    """
-    frontend = frontend_of(model)
-    if frontend is None:
-        return images_uint8
-    if features is not None:
-        return features.features(model_cfg, images_uint8)
-    return compute_features(frontend.eval(), images_uint8)
-
-
 def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
     # contiguous(): a channels_last model's 4-D weights would otherwise keep their strides.
     return {
@@ -684,7 +663,7 @@ def train_local(
 
     Deterministic for a given ``cfg.seed`` (shuffling, augmentation and dropout are all
     seeded from it) and leaves the caller's global RNG state untouched. ``features``
-    keeps a fixed front end's output across calls (see :func:`training_inputs`);
+    keeps a fixed front end's output across calls (see :func:`common.features.model_inputs`);
     ``seconds`` includes computing the features that were not cached yet.
     """
     cfg.validate()
@@ -694,7 +673,7 @@ def train_local(
         torch.manual_seed(cfg.seed)  # dropout draws from the global generator
         model = make_model(model_cfg, global_state)
         start = time.perf_counter()
-        inputs = training_inputs(model_cfg, model, images_uint8, features)
+        inputs = model_inputs(model_cfg, model, images_uint8, features)
         trainable = trainable_part(model)
         channels_last = cfg.channels_last and inputs is images_uint8
         if channels_last:

@@ -24,7 +24,7 @@ import torch
 
 from common.datasets import CLASSES, DatasetError, ImageCache, labels_of, load_records
 from common.errors import InvalidUpdateError
-from common.features import FeatureCache, compute_features
+from common.features import FeatureCache, model_inputs
 from common.model import ModelConfig, build_model, frontend_of, to_input, trainable_part
 from common.tensors import load_checkpoint_file
 
@@ -173,13 +173,9 @@ def predict_proba(
     model = load_model(model_cfg, state)
     out = np.empty((len(images_uint8), model_cfg.num_classes), dtype=np.float32)
     frontend = frontend_of(model)
-    inputs: np.ndarray = images_uint8
-    if frontend is not None and len(images_uint8):
-        inputs = (
-            features.features(model_cfg, images_uint8)
-            if features is not None
-            else compute_features(frontend, images_uint8)
-        )
+    inputs = model_inputs(model_cfg, model, images_uint8, features) if len(images_uint8) else (
+        images_uint8
+    )
     part = trainable_part(model)
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):

@@ -8,12 +8,14 @@ and evaluation therefore run the head on features computed once and kept here.
 Entries are keyed by the front end (architecture and input size, via
 :func:`frontend_key`) and by the SHA-256 of the image's pixels, not by file name: a
 replaced image gets new features, a renamed one keeps them, and nothing can go stale.
-The cache is bounded in bytes and drops the least recently used entries first.
+The cache is bounded in bytes and drops the least recently used entries first, and it
+is safe to share between threads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -50,6 +52,13 @@ def compute_features(
     return out
 
 
+def _digest(image: np.ndarray) -> bytes:
+    # Shape and dtype are part of the key: the same bytes in another layout are another image.
+    h = hashlib.sha256(f"{image.shape}/{image.dtype.str}".encode())
+    h.update(np.ascontiguousarray(image).data)
+    return h.digest()
+
+
 class FeatureCache:
     """Front-end features by (front end, pixel digest), LRU-bounded to ``max_bytes``."""
 
@@ -60,6 +69,9 @@ class FeatureCache:
         self._entries: OrderedDict[tuple[str, bytes], np.ndarray] = OrderedDict()
         self._bytes = 0
         self._frontends: dict[str, nn.Module] = {}
+        # One lock for everything: computing under it also keeps two threads from
+        # computing the same images twice.
+        self._lock = threading.Lock()
         self.computed = 0  # images whose features were computed (not found), for tests
 
     def __len__(self) -> int:
@@ -73,9 +85,15 @@ class FeatureCache:
         """Features of every image (float32, in order); computes only the missing ones."""
         if len(images_uint8) == 0:
             raise ValueError("no images to compute features for")
+        digests = [_digest(im) for im in images_uint8]
+        with self._lock:
+            return self._features_locked(model_cfg, images_uint8, digests)
+
+    def _features_locked(
+        self, model_cfg: ModelConfig, images_uint8: np.ndarray, digests: list[bytes]
+    ) -> np.ndarray:
         frontend = self._frontend(model_cfg)
         key = frontend_key(model_cfg)
-        digests = [hashlib.sha256(np.ascontiguousarray(im).data).digest() for im in images_uint8]
         missing = [i for i, d in enumerate(digests) if (key, d) not in self._entries]
         fresh: dict[int, np.ndarray] = {}
         if missing:
@@ -112,3 +130,24 @@ class FeatureCache:
         while self._bytes > self.max_bytes:
             _, old = self._entries.popitem(last=False)
             self._bytes -= old.nbytes
+
+
+def model_inputs(
+    model_cfg: ModelConfig,
+    model: nn.Module,
+    images_uint8: np.ndarray,
+    features: FeatureCache | None = None,
+) -> np.ndarray:
+    """What the trainable part of ``model`` is fed, one row per image.
+
+    The raw images for a model that trains end to end; for a model with a fixed front
+    end (``scatternet``), the front end's float32 features, taken from ``features`` when
+    given (computed there once per image) or computed here. Per-batch augmentation cannot
+    apply to precomputed features; such models train without it.
+    """
+    frontend = frontend_of(model)
+    if frontend is None:
+        return images_uint8
+    if features is not None:
+        return features.features(model_cfg, images_uint8)
+    return compute_features(frontend.eval(), images_uint8)

@@ -13,7 +13,7 @@ Three compact models sized for training on two CPU cores, chosen by ``ModelConfi
   trains, so DP noise lands on 27k parameters instead of 680k; the front end's output
   for an image never changes and is computed once (``common.features.FeatureCache``).
 
-Both use GroupNorm, never BatchNorm: batch statistics mix examples, which per-example
+All three use GroupNorm, never BatchNorm: batch statistics mix examples, which per-example
 gradient clipping (DP-SGD, Opacus) cannot allow, and they would also leak across clinics.
 
 The architecture is described by :class:`ModelConfig`, which travels inside every

@@ -124,7 +124,9 @@ class Scattering2D(nn.Module):
         self.register_buffer("psi0", psi_t[:L], persistent=False)
         self.register_buffer("psi1", psi_t[L:] / 4, persistent=False)  # then folded by 2
         self.register_buffer("phi", phi_t / 16, persistent=False)  # then folded by 4
-        self.register_buffer("phi_half", _fold(phi_t, 2) / 16, persistent=False)
+        # At half resolution the low-pass is φ̂ folded by 2 (a convolution over 4× fewer
+        # taps needs them 4× heavier), and the fold after it carries 1/4.
+        self.register_buffer("phi_half", _fold(phi_t, 2) / 4, persistent=False)
         self.size = size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

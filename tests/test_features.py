@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +182,23 @@ def test_dp_sgd_on_scatternet_runs_the_planned_mechanism_on_the_head():
                      mech, max_grad_norm=1.0, noise_seed=5)
     for k in state:
         torch.testing.assert_close(again.state[k], result.state[k])
+
+
+def test_the_same_bytes_in_another_layout_are_not_served_from_the_cache():
+    cache = FeatureCache()
+    images = _images(2)
+    cache.features(SCATTER, images)
+    swapped = np.ascontiguousarray(images).reshape(2, 32, 3, 32)  # same bytes, not an image
+    with pytest.raises(ValueError):
+        cache.features(SCATTER, swapped)
+    assert cache.computed == 2
+
+
+def test_threads_sharing_a_cache_get_the_same_features_and_compute_each_image_once():
+    cache = FeatureCache()
+    images = _images(6)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: cache.features(SCATTER, images), range(4)))
+    for got in results[1:]:
+        np.testing.assert_array_equal(got, results[0])
+    assert cache.computed == 6 and len(cache) == 6
