@@ -301,7 +301,8 @@ _ABSENT_LOGIT = -1e4
 # DP-SGD on all 6,123 training images, ε = 8, δ = 1e-5): τ = 1 gave balanced
 # accuracy 0.33 (nevus sensitivity 0.88, dermatofibroma 0.05), τ = 2 gave 0.39 — the
 # same as training at τ = 1 and correcting by another log prior afterwards — and τ = 3
-# over-corrected (0.34, nevus 0.11).
+# over-corrected (0.34, nevus 0.11). (Measured before a scaling fix in the front end's
+# half-resolution maps; the ε = 8 benchmark row came out the same after it.)
 DP_LOGIT_ADJUSTMENT = 2.0
 
 
