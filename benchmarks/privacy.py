@@ -109,7 +109,14 @@ from common.datasets import (  # noqa: E402
     public_logit_offsets,
 )
 from common.features import FeatureCache  # noqa: E402
-from common.model import build_model, frontend_of, initial_state, parameter_count  # noqa: E402
+from common.model import (  # noqa: E402
+    DP_ARCH,
+    RECIPE_PLANS,
+    build_model,
+    frontend_of,
+    initial_state,
+    parameter_count,
+)
 from common.partition import dirichlet_partition  # noqa: E402
 from common.secagg.messages import plan_quantization  # noqa: E402
 from common.tensors import flatten, specs_of, unflatten  # noqa: E402
@@ -577,7 +584,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # larger step (lr 0.005 gave balanced accuracy 0.27 at ε = 8, 0.02 gave 0.30) while
 # non-private training of the same head hardly cares (0.39 at 0.005, 0.39 at 0.02).
 DP_RECIPE = replace(
-    Recipe(), arch="scatternet", class_prior="public", learning_rate=0.02, batch_size=64
+    Recipe(),
+    arch=DP_ARCH,
+    class_prior="public",
+    learning_rate=RECIPE_PLANS[DP_ARCH].learning_rate,
+    batch_size=RECIPE_PLANS[DP_ARCH].batch_size,
 )
 DP_ROUNDS = 30
 

@@ -25,7 +25,7 @@ import torch
 from common.datasets import CLASSES, DatasetError, ImageCache, labels_of, load_records
 from common.errors import InvalidUpdateError
 from common.features import FeatureCache, model_inputs
-from common.model import ModelConfig, build_model, frontend_of, to_input, trainable_part
+from common.model import ModelConfig, build_model, to_input, trainable_part
 from common.tensors import load_checkpoint_file
 
 ECE_BINS = 15
@@ -172,17 +172,15 @@ def predict_proba(
     """
     model = load_model(model_cfg, state)
     out = np.empty((len(images_uint8), model_cfg.num_classes), dtype=np.float32)
-    frontend = frontend_of(model)
-    inputs = model_inputs(model_cfg, model, images_uint8, features) if len(images_uint8) else (
-        images_uint8
-    )
+    if len(images_uint8) == 0:
+        return out
+    inputs = model_inputs(model_cfg, model, images_uint8, features)
+    from_images = inputs is images_uint8  # else float features, already the head's input
     part = trainable_part(model)
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start : start + batch_size]
-            x = torch.from_numpy(np.ascontiguousarray(chunk)) if frontend is not None else (
-                to_input(chunk)
-            )
+            x = to_input(chunk) if from_images else torch.from_numpy(np.ascontiguousarray(chunk))
             out[start : start + len(x)] = torch.softmax(part(x), dim=1).numpy()
     return out
 

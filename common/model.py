@@ -51,6 +51,27 @@ SCATTER_GRID = 4
 
 
 @dataclass(frozen=True)
+class PlanRecipe:
+    """The measured round-plan settings for an architecture (Adam)."""
+
+    learning_rate: float
+    batch_size: int
+
+
+# The measured recipes (README, "Benchmarks"): without DP the end-to-end residual CNN at
+# Adam 0.002 (benchmarks/quality.py); under DP-SGD scattering features and a linear head
+# (common/scattering.py says why) at 0.02 with batches of 64 (benchmarks/privacy.py): a
+# larger step because the noise dominates each gradient, a larger batch because the noise
+# is shared by more examples.
+DP_ARCH, PLAIN_ARCH = "scatternet", "lesionres"
+RECIPE_PLANS: dict[str, PlanRecipe] = {
+    "lesionres": PlanRecipe(learning_rate=0.002, batch_size=32),
+    "lesionnet": PlanRecipe(learning_rate=0.002, batch_size=32),
+    "scatternet": PlanRecipe(learning_rate=0.02, batch_size=64),
+}
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str = "lesionres"
     num_classes: int = 7
