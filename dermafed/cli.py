@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from common.errors import DermafedError
+from dermafed.runtime_versions import installed_mismatch
 
 
 def _add_daemon_commands(sub: argparse._SubParsersAction) -> None:
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before build_parser: the admin commands import the generated stubs, which would
+    # refuse an old grpcio with a traceback.
+    problem = installed_mismatch()
+    if problem is not None:
+        print(f"dermafed: error: {problem}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

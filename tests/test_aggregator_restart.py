@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from federation_harness import CLINICS, Federation
 
 from dermafed.demo import write_toml
@@ -60,6 +61,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.system
 def test_sigkill_mid_round_then_restart(federation: Federation, tmp_path: Path):
     port = _free_port()
     state = tmp_path / "agg"

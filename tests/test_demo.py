@@ -11,7 +11,12 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from dermafed.demo import DemoOptions, write_configs
+
+# Every test here runs `dermafed demo`: an aggregator and one agent per clinic as processes.
+pytestmark = pytest.mark.system
 
 
 def _processes_mentioning(text: str) -> list[int]:

@@ -398,9 +398,14 @@ def test_dockerfile_is_multistage_cpu_only_and_runs_as_the_manifests_user(base, 
     torch_runs = [i for i, r in enumerate(runs) if torch_pin in shlex.split(r)]
     assert torch_runs, f"the image must install {torch_pin} (the project's pin)"
     assert "--index-url" in runs[torch_runs[0]] and "/whl/cpu" in runs[torch_runs[0]]
-    project_runs = [i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r)]
+    project_runs = [i for i, r in enumerate(runs) if re.search(r"pip install .*\s\.(\s|$)", r)]
     assert project_runs and torch_runs[0] < project_runs[0], \
         "CPU torch first, or pip resolves the CUDA build for the project's dependency"
+    locked = "--require-hashes -r requirements/runtime.lock"
+    lock_runs = [i for i, r in enumerate(runs) if locked in r]
+    assert lock_runs and torch_runs[0] < lock_runs[0] < project_runs[0], \
+        "the locked dependencies, hash-checked, between torch and the project"
+    assert "--no-deps" in shlex.split(runs[project_runs[0]]), "the project must resolve nothing"
 
 
 def test_dockerfile_copies_no_secrets():

@@ -155,6 +155,7 @@ def test_settings_that_cannot_give_the_guarantee_are_refused_at_start(tmp_path, 
         load_clinic_config(cfg, env={})
 
 
+@pytest.mark.system
 def test_spent_epsilon_survives_sigkill_between_training_and_upload(federation, tmp_path):
     """The agent is killed after it charged the round but before its upload landed."""
     cfg = federation.aggregator_config(

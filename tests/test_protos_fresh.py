@@ -1,4 +1,8 @@
-"""The committed gRPC stubs must be exactly what protos/ generates (scripts/gen_protos.sh)."""
+"""The committed gRPC stubs must be exactly what protos/ generates with the locked tools.
+
+After editing a .proto file run scripts/gen_protos.sh; after a dependency bump run
+scripts/lock.sh, which regenerates the lock and the stubs together.
+"""
 
 from __future__ import annotations
 
@@ -44,9 +48,12 @@ def test_committed_stubs_match_the_protos(tmp_path):
         if p.name != "__init__.py" and p.suffix in (".py", ".pyi")
     )
     assert [str(p) for p in generated] == [str(p) for p in committed], (
-        "generated and committed stub files differ; run scripts/gen_protos.sh"
+        "generated and committed stub files differ; run bash scripts/gen_protos.sh"
     )
     for rel in generated:
         fresh = (tmp_path / rel).read_text()
         stale = (ROOT / rel).read_text()
-        assert fresh == stale, f"{rel} is stale: run scripts/gen_protos.sh and commit the result"
+        assert fresh == stale, (
+            f"{rel} is stale: run bash scripts/lock.sh (regenerates the lock and the stubs "
+            "with the locked grpcio-tools) or, after editing protos/, bash scripts/gen_protos.sh"
+        )
