@@ -173,8 +173,11 @@ class PlanSection:
     def validate(self) -> None:
         require(self.dp_noise_multiplier >= 0, "plan.dp_noise_multiplier", "must be >= 0")
         require(self.clinic_noise_multiplier >= 0, "plan.clinic_noise_multiplier", "must be >= 0")
-        require(self.clinic_noise_multiplier == 0 or self.delta_clip_norm > 0,
-                "plan.clinic_noise_multiplier", "needs plan.delta_clip_norm > 0")
+        require(
+            self.clinic_noise_multiplier == 0 or self.delta_clip_norm > 0,
+            "plan.clinic_noise_multiplier",
+            "needs plan.delta_clip_norm > 0",
+        )
         require(self.local_epochs >= 1, "plan.local_epochs", "must be at least 1")
         require(self.optimizer in ("sgd", "adam"), "plan.optimizer", "must be 'sgd' or 'adam'")
         require(self.learning_rate > 0, "plan.learning_rate", "must be positive")
@@ -208,8 +211,11 @@ class ValidationSection:
         unknown = sorted(set(self.high_risk) - set(CLASSES))
         require(not unknown, "validation.high_risk", f"unknown class code(s) {unknown}")
         require(0.0 <= self.tolerance <= 1.0, "validation.tolerance", "must be in [0, 1]")
-        require(self.chance_margin <= 1.0, "validation.chance_margin",
-                "must be at most 1 (negative: always compare with the published model)")
+        require(
+            self.chance_margin <= 1.0,
+            "validation.chance_margin",
+            "must be at most 1 (negative: always compare with the published model)",
+        )
         require(
             0.0 <= self.min_balanced_accuracy <= 1.0,
             "validation.min_balanced_accuracy",

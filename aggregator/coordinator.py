@@ -755,8 +755,11 @@ class Coordinator:
             optimizer=pc.optimizer,
             # Rounds count from 1; the schedule decays the base rate across them.
             learning_rate=round_learning_rate(
-                pc.learning_rate, number - 1, pc.lr_horizon_rounds,
-                schedule=pc.lr_schedule, min_factor=pc.lr_min_factor,
+                pc.learning_rate,
+                number - 1,
+                pc.lr_horizon_rounds,
+                schedule=pc.lr_schedule,
+                min_factor=pc.lr_min_factor,
             ),
             fedprox_mu=pc.fedprox_mu,
             batch_size=pc.batch_size,

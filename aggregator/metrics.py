@@ -151,8 +151,13 @@ class AggregatorMetrics:
         for stage in (*STAGES, "train", "aggregate", "validate"):
             self.stage_duration.labels(stage=stage)
             self.dropouts.labels(stage=stage)
-        for reason in ("privacy_budget_exhausted", "noise_below_floor", "no_data",
-                       "privacy_ledger_error", "other"):
+        for reason in (
+            "privacy_budget_exhausted",
+            "noise_below_floor",
+            "no_data",
+            "privacy_ledger_error",
+            "other",
+        ):
             self.declines.labels(reason=reason)
 
     def set_validation(self, metrics: Mapping[str, object]) -> None:

@@ -38,9 +38,7 @@ def validate_schedule(
             f"plan.lr_schedule: must be one of {', '.join(SCHEDULES)}, got {schedule!r}"
         )
     if isinstance(total_rounds, bool) or not isinstance(total_rounds, int) or total_rounds < 1:
-        raise ConfigError(
-            f"plan.lr_schedule_rounds: must be an integer >= 1, got {total_rounds!r}"
-        )
+        raise ConfigError(f"plan.lr_schedule_rounds: must be an integer >= 1, got {total_rounds!r}")
     if not (isinstance(min_factor, int | float) and 0.0 <= min_factor <= 1.0):
         raise ConfigError(f"plan.lr_min_factor: must be in [0, 1], got {min_factor!r}")
     if (

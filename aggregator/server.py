@@ -166,8 +166,17 @@ def build_service(
         Path(config.server.port_file).write_text(f"{bound}\n")
     log.info("aggregator for federation %r listening on %s:%d", config.federation, host, bound)
     return AggregatorService(
-        config, coordinator, server, bound, health_servicer, registry, ledger, metrics_port,
-        health_server, health_port, http_server,
+        config,
+        coordinator,
+        server,
+        bound,
+        health_servicer,
+        registry,
+        ledger,
+        metrics_port,
+        health_server,
+        health_port,
+        http_server,
     )
 
 

@@ -39,7 +39,5 @@ class HoldoutEvaluator:
         log.info("held-out set: %d images from %s", len(records), source)
 
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> EvalMetrics:
-        probs = predict_proba(
-            self.model_config, dict(state), self.images, features=self.features
-        )
+        probs = predict_proba(self.model_config, dict(state), self.images, features=self.features)
         return compute_metrics(self.labels, probs)

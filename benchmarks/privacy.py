@@ -306,7 +306,12 @@ def run_privacy_row(
                 new_state = dp.state
             else:
                 new_state = train_local(
-                    model_cfg, state, clinic.images, clinic.labels, cfg, threads=threads,
+                    model_cfg,
+                    state,
+                    clinic.images,
+                    clinic.labels,
+                    cfg,
+                    threads=threads,
                     features=features,
                 ).state
             train_s += time.perf_counter() - t0
@@ -323,7 +328,7 @@ def run_privacy_row(
         agg_s += time.perf_counter() - t0
         log(
             f"  {recipe.arch} ε={epsilon:g} round {r + 1}/{settings.rounds} lr {lr:.2e} "
-            f"|delta| median {np.median(norms[-len(clinics):]):.2f}"
+            f"|delta| median {np.median(norms[-len(clinics) :]):.2f}"
         )
     wall = time.perf_counter() - started
     per_clinic = [epsilon_for(h, settings.delta) if h else math.inf for h in ran]
@@ -390,21 +395,36 @@ def measure_dp_throughput(
             out["features_images_per_s"] = n / (time.perf_counter() - t0)
     # Untimed warm-up of both trainers on a couple of batches.
     warm = min(n, 2 * recipe.batch_size)
-    train_local(model_cfg, state, images[:warm], labels[:warm], cfg, threads=threads,
-                features=features)
-    train_dp(model_cfg, state, images[:warm], labels[:warm], cfg,
-             round_mechanism(warm, recipe.batch_size, 1, sigma),
-             max_grad_norm=settings.max_grad_norm, threads=threads, features=features)
+    train_local(
+        model_cfg, state, images[:warm], labels[:warm], cfg, threads=threads, features=features
+    )
+    train_dp(
+        model_cfg,
+        state,
+        images[:warm],
+        labels[:warm],
+        cfg,
+        round_mechanism(warm, recipe.batch_size, 1, sigma),
+        max_grad_norm=settings.max_grad_norm,
+        threads=threads,
+        features=features,
+    )
     end_to_end = replace(Recipe(), input_size=recipe.input_size).model_config()
     e2e_state = initial_state(end_to_end, seed)
-    e2e_cfg = replace(Recipe().train_config(learning_rate=2e-3, fedprox_mu=0.0, seed=seed),
-                      epochs=1, batch_size=recipe.batch_size)
+    e2e_cfg = replace(
+        Recipe().train_config(learning_rate=2e-3, fedprox_mu=0.0, seed=seed),
+        epochs=1,
+        batch_size=recipe.batch_size,
+    )
     plain: list[float] = []
     private: list[float] = []
     e2e: list[float] = []
     for _ in range(repeats):
-        plain.append(train_local(model_cfg, state, images, labels, cfg, threads=threads,
-                                 features=features).examples_per_second)
+        plain.append(
+            train_local(
+                model_cfg, state, images, labels, cfg, threads=threads, features=features
+            ).examples_per_second
+        )
         private.append(
             train_dp(
                 model_cfg,
@@ -420,18 +440,23 @@ def measure_dp_throughput(
             ).examples_per_second
         )
         if frontend is not None:
-            e2e.append(train_local(end_to_end, e2e_state, images, labels, e2e_cfg,
-                                   threads=threads).examples_per_second)
+            e2e.append(
+                train_local(
+                    end_to_end, e2e_state, images, labels, e2e_cfg, threads=threads
+                ).examples_per_second
+            )
     best_plain, best_dp = max(plain), max(private)
-    out.update({
-        "plain_examples_per_s": best_plain,
-        "dp_examples_per_s": best_dp,
-        "dp_slowdown_x": best_plain / best_dp,
-        "examples": n,
-        "repeats": repeats,
-        "batch_size": recipe.batch_size,
-        "noise_multiplier": sigma,
-    })
+    out.update(
+        {
+            "plain_examples_per_s": best_plain,
+            "dp_examples_per_s": best_dp,
+            "dp_slowdown_x": best_plain / best_dp,
+            "examples": n,
+            "repeats": repeats,
+            "batch_size": recipe.batch_size,
+            "noise_multiplier": sigma,
+        }
+    )
     if e2e:
         out["lesionres_plain_examples_per_s"] = max(e2e)
     return out
@@ -501,8 +526,11 @@ def goals(outcomes: Sequence[RowOutcome], throughput: dict[str, float]) -> list[
     out: list[dict[str, Any]] = []
     baseline = next((o for o in outcomes if not o.private), None)
     at_goal = next(
-        (o for o in outcomes
-         if o.epsilon_target == GOAL_EPSILON and baseline is not None and o.arch == baseline.arch),
+        (
+            o
+            for o in outcomes
+            if o.epsilon_target == GOAL_EPSILON and baseline is not None and o.arch == baseline.arch
+        ),
         None,
     )
     if baseline is not None and at_goal is not None:
@@ -540,8 +568,12 @@ def goals(outcomes: Sequence[RowOutcome], throughput: dict[str, float]) -> list[
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=default_data_dir(), help="HAM10000 folder")
-    p.add_argument("--out", type=Path, default=REPO / "bench-out" / "privacy",
-                   help="decoded-image cache and table.md (default bench-out/privacy)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "bench-out" / "privacy",
+        help="decoded-image cache and table.md (default bench-out/privacy)",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="default <out>/cache")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="smoke run: small subset, 3 rounds")
@@ -553,12 +585,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delta", type=float, default=DELTA)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--local-epochs", type=int, default=None)
-    p.add_argument("--train-fraction", type=float, default=None,
-                   help="lesion-grouped, class-stratified share of the training pool used")
-    p.add_argument("--train-images", type=int, default=None,
-                   help="about this many training images (overrides --train-fraction)")
-    p.add_argument("--test-images", type=int, default=None,
-                   help="about this many test images (lesion-grouped subset of the test split)")
+    p.add_argument(
+        "--train-fraction",
+        type=float,
+        default=None,
+        help="lesion-grouped, class-stratified share of the training pool used",
+    )
+    p.add_argument(
+        "--train-images",
+        type=int,
+        default=None,
+        help="about this many training images (overrides --train-fraction)",
+    )
+    p.add_argument(
+        "--test-images",
+        type=int,
+        default=None,
+        help="about this many test images (lesion-grouped subset of the test split)",
+    )
     p.add_argument("--arch", default=None, help=f"model (default {DP_RECIPE.arch})")
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -569,12 +613,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-per-clinic", type=int, default=20)
     p.add_argument("--throughput-examples", type=int, default=None)
     p.add_argument("--throughput-repeats", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3,
-                   help="runs of each DP row (fresh noise each; mean ± sd reported)")
-    p.add_argument("--no-throughput", action="store_true",
-                   help="skip the throughput measurement")
-    p.add_argument("--compare-lesionres", action="store_true",
-                   help="also run the ε=8 row with the end-to-end lesionres model")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of each DP row (fresh noise each; mean ± sd reported)",
+    )
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
+    p.add_argument(
+        "--compare-lesionres",
+        action="store_true",
+        help="also run the ε=8 row with the end-to-end lesionres model",
+    )
     return p.parse_args(argv)
 
 
@@ -619,8 +669,9 @@ def build_settings(args: argparse.Namespace) -> Settings:
         raise ValueError("--max-grad-norm must be > 0")
     recipe.model_config()  # validate before spending any time
     recipe.train_config(learning_rate=recipe.learning_rate, fedprox_mu=0.0, seed=0).validate()
-    return Settings(recipe=recipe, rounds=rounds, max_grad_norm=args.max_grad_norm,
-                    delta=args.delta)
+    return Settings(
+        recipe=recipe, rounds=rounds, max_grad_norm=args.max_grad_norm, delta=args.delta
+    )
 
 
 def lesionres_recipe(settings: Settings) -> Recipe:
@@ -629,8 +680,9 @@ def lesionres_recipe(settings: Settings) -> Recipe:
     return replace(settings.recipe, arch=base.arch, width=base.width, dropout=base.dropout)
 
 
-def subset(records: Sequence[Record], fraction: float | None, count: int | None,
-           seed: int) -> list[Record]:
+def subset(
+    records: Sequence[Record], fraction: float | None, count: int | None, seed: int
+) -> list[Record]:
     if count is not None:
         fraction = min(1.0, count / max(len(records), 1))
     return lesion_subset(records, 1.0 if fraction is None else fraction, seed)
@@ -661,8 +713,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     if not (args.data / "HAM10000_metadata.csv").is_file():
-        print(f"privacy: no HAM10000 data at {args.data} (set --data or DERMAFED_HAM10000)",
-              file=sys.stderr)
+        print(
+            f"privacy: no HAM10000 data at {args.data} (set --data or DERMAFED_HAM10000)",
+            file=sys.stderr,
+        )
         return 2
     records = load_records(args.data)
     rest, test_records = group_split(records, 0.2, args.seed)
@@ -674,12 +728,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     test_records = subset(test_records, test_fraction, args.test_images, args.seed + 4)
     subset_note = (
         f"training on a lesion-grouped, class-stratified subset: {len(train)} of {len(rest)} "
-        f"pool images" if len(train) < len(rest) else f"training on the full pool ({len(rest)})"
+        f"pool images"
+        if len(train) < len(rest)
+        else f"training on the full pool ({len(rest)})"
     )
-    log(f"data: {len(records)} images; {subset_note}; test {len(test_records)} images "
-        f"(lesion-disjoint, held out before partitioning)")
-    log(f"test class counts "
-        f"{dict(zip(CLASSES, class_counts(test_records).tolist(), strict=True))}")
+    log(
+        f"data: {len(records)} images; {subset_note}; test {len(test_records)} images "
+        f"(lesion-disjoint, held out before partitioning)"
+    )
+    log(f"test class counts {dict(zip(CLASSES, class_counts(test_records).tolist(), strict=True))}")
 
     cache = ImageCache(args.cache_dir or out / "cache")
     size = recipe.input_size
@@ -688,16 +745,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     test = load_set(cache, f"{tag}-test", test_records, size)
     clinic_names = [f"clinic-{i + 1}" for i in range(args.clinics)]
     min_per = min(args.min_per_clinic, max(1, len(train) // (2 * args.clinics)))
-    shards = dirichlet_partition(train, args.clinics, args.alpha, args.seed,
-                                 min_per_clinic=min_per)
+    shards = dirichlet_partition(train, args.clinics, args.alpha, args.seed, min_per_clinic=min_per)
     clinics = [
         # In RAM (writable): every trainer reads the same arrays; torch warns on read-only.
-        ClinicData(name, np.array(cache.load(shard, size, name=f"{tag}-a{args.alpha:g}-{name}")),
-                   labels_of(shard))
+        ClinicData(
+            name,
+            np.array(cache.load(shard, size, name=f"{tag}-a{args.alpha:g}-{name}")),
+            labels_of(shard),
+        )
         for name, shard in zip(clinic_names, shards, strict=True)
     ]
-    log(f"decode/cache: {time.perf_counter() - t0:.1f}s; clinics {[len(c) for c in clinics]} "
-        f"(Dirichlet α={args.alpha:g})")
+    log(
+        f"decode/cache: {time.perf_counter() - t0:.1f}s; clinics {[len(c) for c in clinics]} "
+        f"(Dirichlet α={args.alpha:g})"
+    )
     features = FeatureCache()
     if frontend_of(build_model(recipe.model_config())) is not None:
         # Once per image, before any row (the agent does it in its first round), so that
@@ -706,15 +767,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         with torch_threads(args.threads):
             for data in (*clinics, test):
                 features.features(recipe.model_config(), data.images)
-        log(f"front-end features: {features.computed} images in "
-            f"{time.perf_counter() - t0:.1f}s, once for every row")
-    log(f"model {recipe.arch} width {recipe.width} at {size}px: "
+        log(
+            f"front-end features: {features.computed} images in "
+            f"{time.perf_counter() - t0:.1f}s, once for every row"
+        )
+    log(
+        f"model {recipe.arch} width {recipe.width} at {size}px: "
         f"{parameter_count(build_model(recipe.model_config())):,} parameters; "
         f"{settings.rounds} rounds x {recipe.local_epochs} local epoch(s), batch "
         f"{recipe.batch_size}, {recipe.optimizer} lr {recipe.learning_rate:g} "
         f"({recipe.lr_schedule}); DP clip {settings.max_grad_norm:g}, delta clip "
         f"{recipe.clip_norm:g}; ε targets {[fmt_target(e) for e in epsilons]} at "
-        f"δ={settings.delta:g}")
+        f"δ={settings.delta:g}"
+    )
 
     # Measured before the rows: it also warms up torch (the first steps of a process are
     # slow), which would otherwise be charged to whichever row runs first.
@@ -723,8 +788,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if finite_targets and len(finite_targets) < len(epsilons) and not args.no_throughput:
         ref_eps = GOAL_EPSILON if GOAL_EPSILON in finite_targets else finite_targets[-1]
         largest = clinics[max(range(len(clinics)), key=lambda i: len(clinics[i]))]
-        sigma, _ = noise_for_budget(ref_eps, settings.delta, len(largest), recipe.batch_size,
-                                    recipe.local_epochs, settings.rounds)
+        sigma, _ = noise_for_budget(
+            ref_eps,
+            settings.delta,
+            len(largest),
+            recipe.batch_size,
+            recipe.local_epochs,
+            settings.rounds,
+        )
         throughput = measure_dp_throughput(
             settings,
             largest,
@@ -735,11 +806,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
         )
         throughput["epsilon"] = ref_eps
-        log(f"throughput (ε={ref_eps:g} noise on {largest.name}): plain "
+        log(
+            f"throughput (ε={ref_eps:g} noise on {largest.name}): plain "
             f"{throughput['plain_examples_per_s']:.1f} ex/s, DP-SGD "
             f"{throughput['dp_examples_per_s']:.1f} ex/s -> DP slowdown "
             f"{throughput['dp_slowdown_x']:.2f}x (same {int(throughput['examples'])} images, "
-            f"batch {recipe.batch_size})")
+            f"batch {recipe.batch_size})"
+        )
 
     workdir = Path(tempfile.mkdtemp(prefix="privacy-pki-"))
     outcomes: list[RowOutcome] = []
@@ -751,24 +824,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         for eps, row_recipe in plan:
             # Non-private rows are seeded and repeat exactly; DP rows draw fresh noise.
             repeats = args.repeats if math.isfinite(eps) else 1
-            outcome = run_privacy_row(eps, settings, clinics, test, secure=secure,
-                                      seed=args.seed, threads=args.threads, log=log,
-                                      features=features, recipe=row_recipe)
+            outcome = run_privacy_row(
+                eps,
+                settings,
+                clinics,
+                test,
+                secure=secure,
+                seed=args.seed,
+                threads=args.threads,
+                log=log,
+                features=features,
+                recipe=row_recipe,
+            )
             outcome.runs = [headline(outcome.test)]
             for _ in range(repeats - 1):
-                again = run_privacy_row(eps, settings, clinics, test, secure=secure,
-                                        seed=args.seed, threads=args.threads, log=log,
-                                        features=features, recipe=row_recipe)
+                again = run_privacy_row(
+                    eps,
+                    settings,
+                    clinics,
+                    test,
+                    secure=secure,
+                    seed=args.seed,
+                    threads=args.threads,
+                    log=log,
+                    features=features,
+                    recipe=row_recipe,
+                )
                 outcome.runs.append(headline(again.test))
             outcomes.append(outcome)
             t = outcome.test
-            log(f"row {row_recipe.arch} ε={fmt_target(eps)}: achieved "
+            log(
+                f"row {row_recipe.arch} ε={fmt_target(eps)}: achieved "
                 f"{fmt_eps(outcome.epsilon_achieved)} σ "
                 f"{[round(s, 3) for s in outcome.noise_multipliers]} BA "
                 f"{fmt_metric(outcome, 'balanced_accuracy')} acc {t['accuracy']:.3f} AUROC "
                 f"{t['macro_auroc']:.3f} mel {t['mel_sensitivity']:.3f} in "
                 f"{outcome.wall_seconds:.0f}s (train {outcome.train_seconds:.0f}s, secagg "
-                f"{outcome.aggregation_seconds:.1f}s)")
+                f"{outcome.aggregation_seconds:.1f}s)"
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -785,20 +878,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(table)
     print()
-    print(f"Every row: {subset_note}; {args.clinics} clinics, Dirichlet α={args.alpha:g}; "
-          f"secure aggregation; {settings.rounds} rounds x {recipe.local_epochs} local "
-          f"epoch(s), batch {recipe.batch_size}, {recipe.optimizer} lr "
-          f"{recipe.learning_rate:g}; the public HAM10000 prior as a logit adjustment "
-          f"(strength {DP_LOGIT_ADJUSTMENT:g} under DP-SGD, 1 without); δ={settings.delta:g}.")
+    print(
+        f"Every row: {subset_note}; {args.clinics} clinics, Dirichlet α={args.alpha:g}; "
+        f"secure aggregation; {settings.rounds} rounds x {recipe.local_epochs} local "
+        f"epoch(s), batch {recipe.batch_size}, {recipe.optimizer} lr "
+        f"{recipe.learning_rate:g}; the public HAM10000 prior as a logit adjustment "
+        f"(strength {DP_LOGIT_ADJUSTMENT:g} under DP-SGD, 1 without); δ={settings.delta:g}."
+    )
     if throughput:
-        print(f"DP-SGD throughput: {throughput['dp_examples_per_s']:.1f} vs "
-              f"{throughput['plain_examples_per_s']:.1f} examples/s non-private = "
-              f"{throughput['dp_slowdown_x']:.2f}x slower (in-run rows: "
-              f"{throughput.get('in_run_slowdown_x', math.nan):.2f}x)")
+        print(
+            f"DP-SGD throughput: {throughput['dp_examples_per_s']:.1f} vs "
+            f"{throughput['plain_examples_per_s']:.1f} examples/s non-private = "
+            f"{throughput['dp_slowdown_x']:.2f}x slower (in-run rows: "
+            f"{throughput.get('in_run_slowdown_x', math.nan):.2f}x)"
+        )
         if "features_images_per_s" in throughput:
-            print(f"front end: {throughput['features_images_per_s']:.1f} images/s, once per "
-                  f"image; end-to-end lesionres (plain, with augmentation): "
-                  f"{throughput['lesionres_plain_examples_per_s']:.1f} examples/s")
+            print(
+                f"front end: {throughput['features_images_per_s']:.1f} images/s, once per "
+                f"image; end-to-end lesionres (plain, with augmentation): "
+                f"{throughput['lesionres_plain_examples_per_s']:.1f} examples/s"
+            )
     for g in checks:
         note = f" ({g['note']})" if "note" in g else ""
         print(f"goal: {g['goal']}: {g['value']:.2f} -> {'MET' if g['met'] else 'MISSED'}{note}")

@@ -181,8 +181,9 @@ def per_example_loss_fn(
 
 
 class _PerExampleMeanLoss(nn.Module):
-    def __init__(self, class_weight: Sequence[float] | None,
-                 logit_offsets: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, class_weight: Sequence[float] | None, logit_offsets: Sequence[float] | None = None
+    ) -> None:
         super().__init__()
         self.weight = (
             None if class_weight is None else torch.tensor(list(class_weight), dtype=torch.float32)
@@ -191,7 +192,8 @@ class _PerExampleMeanLoss(nn.Module):
         # raw logits. Unlike loss weights it survives per-example clipping, which rescales
         # every example's gradient to the same bound and so erases weights.
         self.offsets = (
-            None if logit_offsets is None
+            None
+            if logit_offsets is None
             else torch.tensor(list(logit_offsets), dtype=torch.float32)
         )
 
@@ -244,7 +246,7 @@ def plain_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     inner = module._module if isinstance(module, GradSampleModule) else module
     state = export_state(inner)
     return {
-        (k[len(_OPACUS_PREFIX):] if k.startswith(_OPACUS_PREFIX) else k): v
+        (k[len(_OPACUS_PREFIX) :] if k.startswith(_OPACUS_PREFIX) else k): v
         for k, v in state.items()
     }
 
@@ -279,9 +281,11 @@ def train_dp(
     labels = np.asarray(labels, dtype=np.int64)
     check_training_data(model_cfg, images_uint8, labels)
     if cfg.class_weighting != "none" and class_weight is None:
-        log.info("DP training ignores class_weighting=%r: weights from local label counts "
-                 "are not differentially private; pass public class weights instead",
-                 cfg.class_weighting)
+        log.info(
+            "DP training ignores class_weighting=%r: weights from local label counts "
+            "are not differentially private; pass public class weights instead",
+            cfg.class_weighting,
+        )
     n = len(labels)
     expected_batch = mechanism.sample_rate * n
     if expected_batch < 1:
@@ -309,9 +313,13 @@ def train_dp(
         optimizer = make_optimizer(trainable, cfg)
         proximal = ProximalTerm(trainable, cfg.fedprox_mu) if cfg.fedprox_mu > 0 else None
         gsm, dp_optimizer = make_private(
-            trainable, optimizer, noise_multiplier=mechanism.noise_multiplier,
-            max_grad_norm=max_grad_norm, expected_batch_size=expected_batch,
-            generator=noise_gen, secure_noise=secure_noise,
+            trainable,
+            optimizer,
+            noise_multiplier=mechanism.noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch,
+            generator=noise_gen,
+            secure_noise=secure_noise,
         )
         augment_gen = torch.Generator().manual_seed(cfg.seed + 1)
         loss_fn = per_example_loss_fn(class_weight, logit_offsets)
@@ -341,4 +349,3 @@ def train_dp(
         max_grad_norm=max_grad_norm,
         empty_batches=empty,
     )
-

@@ -186,8 +186,7 @@ class PrivacyConfig:
             raise ConfigError(
                 f"privacy.noise_floor: must be a finite number > 0, got {self.noise_floor!r}"
             )
-        if not (math.isfinite(self.clinic_noise_multiplier)
-                and self.clinic_noise_multiplier >= 0):
+        if not (math.isfinite(self.clinic_noise_multiplier) and self.clinic_noise_multiplier >= 0):
             raise ConfigError(
                 "privacy.clinic_noise_multiplier: must be a finite number >= 0, "
                 f"got {self.clinic_noise_multiplier!r}"
@@ -297,8 +296,7 @@ def accounting_delta(
 
 def history_of(ledger: Sequence[AccountedRound]) -> list[MechanismStep]:
     return [
-        MechanismStep(float(e.noise_multiplier), float(e.sample_rate), int(e.steps))
-        for e in ledger
+        MechanismStep(float(e.noise_multiplier), float(e.sample_rate), int(e.steps)) for e in ledger
     ]
 
 
@@ -313,13 +311,26 @@ def round_mechanism(
     )
 
 
-def _decision(config: PrivacyConfig, reason: DeclineReason | None, message: str,
-              step: MechanismStep | None, delta: float | None, spent: float,
-              after: float | None) -> RoundDecision:
+def _decision(
+    config: PrivacyConfig,
+    reason: DeclineReason | None,
+    message: str,
+    step: MechanismStep | None,
+    delta: float | None,
+    spent: float,
+    after: float | None,
+) -> RoundDecision:
     return RoundDecision(
-        accepted=reason is None, reason=reason, message=message, step=step,
-        max_grad_norm=config.max_grad_norm, delta=delta, accountant=config.accountant,
-        epsilon_spent=spent, epsilon_after=after, epsilon_max=config.epsilon_max,
+        accepted=reason is None,
+        reason=reason,
+        message=message,
+        step=step,
+        max_grad_norm=config.max_grad_norm,
+        delta=delta,
+        accountant=config.accountant,
+        epsilon_spent=spent,
+        epsilon_after=after,
+        epsilon_max=config.epsilon_max,
     )
 
 
@@ -340,12 +351,19 @@ def plan_round(
     """
     config.validate()
 
-    def decline(reason: DeclineReason, message: str, *, delta: float | None = None,
-                spent: float = math.nan, after: float | None = None) -> RoundDecision:
+    def decline(
+        reason: DeclineReason,
+        message: str,
+        *,
+        delta: float | None = None,
+        spent: float = math.nan,
+        after: float | None = None,
+    ) -> RoundDecision:
         return _decision(config, reason, message, None, delta, spent, after)
 
     bad_int = [
-        name for name, v in (("batch_size", batch_size), ("epochs", epochs))
+        name
+        for name, v in (("batch_size", batch_size), ("epochs", epochs))
         if isinstance(v, bool) or not isinstance(v, int) or v < 1
     ]
     if bad_int:
@@ -378,8 +396,15 @@ def plan_round(
 
     if config.mode == "off":
         # No mechanism, no guarantee, nothing charged: for demos and benchmarks only.
-        return _decision(config, None, "differential privacy is off in the clinic config",
-                         None, delta, spent, spent)
+        return _decision(
+            config,
+            None,
+            "differential privacy is off in the clinic config",
+            None,
+            delta,
+            spent,
+            spent,
+        )
 
     plan_sigma = requested.noise_multiplier if requested is not None else None
     if plan_sigma is not None:
@@ -387,14 +412,16 @@ def plan_round(
             return decline(
                 DeclineReason.INVALID_PLAN,
                 f"plan noise multiplier {plan_sigma!r} is not > 0",
-                delta=delta, spent=spent,
+                delta=delta,
+                spent=spent,
             )
         if plan_sigma < config.noise_floor:
             return decline(
                 DeclineReason.NOISE_BELOW_FLOOR,
                 f"plan noise multiplier {plan_sigma} is below the clinic's floor "
                 f"{config.noise_floor}",
-                delta=delta, spent=spent,
+                delta=delta,
+                spent=spent,
             )
 
     q = batch_size / n_examples
@@ -405,14 +432,22 @@ def plan_round(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                derived = float(get_noise_multiplier(
-                    target_epsilon=config.target_epsilon_per_round, target_delta=delta,
-                    sample_rate=q, steps=steps, accountant=config.accountant,
-                ))
+                derived = float(
+                    get_noise_multiplier(
+                        target_epsilon=config.target_epsilon_per_round,
+                        target_delta=delta,
+                        sample_rate=q,
+                        steps=steps,
+                        accountant=config.accountant,
+                    )
+                )
         except ValueError as exc:
-            return decline(DeclineReason.NOISE_NOT_DERIVABLE,
-                           f"no noise multiplier reaches ε={config.target_epsilon_per_round} "
-                           f"per round: {exc}", delta=delta, spent=spent)
+            return decline(
+                DeclineReason.NOISE_NOT_DERIVABLE,
+                f"no noise multiplier reaches ε={config.target_epsilon_per_round} per round: {exc}",
+                delta=delta,
+                spent=spent,
+            )
         own_sigma = max(derived, config.noise_floor)
     else:
         own_sigma = float(config.noise_multiplier)  # type: ignore[arg-type]  # validate() checked
@@ -428,10 +463,16 @@ def plan_round(
             DeclineReason.PRIVACY_BUDGET_EXHAUSTED,
             f"this round would bring ε from {spent:.3f} to {after:.3f} at δ={delta:g}, "
             f"over the clinic's budget ε_max={config.epsilon_max}",
-            delta=delta, spent=spent, after=after,
+            delta=delta,
+            spent=spent,
+            after=after,
         )
     return _decision(
-        config, None,
+        config,
+        None,
         f"ε {spent:.3f} → {after:.3f} of {config.epsilon_max} at δ={delta:g} (σ={sigma:g})",
-        step, delta, spent, after,
+        step,
+        delta,
+        spent,
+        after,
     )

@@ -58,8 +58,11 @@ def privacy_summary(config_path: Path) -> dict[str, Any]:
     )
     # Clinic-level DP of the noised deltas (whole clinic as the unit, assuming at least t
     # honest survivors per secure round): one full-batch Gaussian step per noised round.
-    noised = [MechanismStep(e.clinic_noise_multiplier, 1.0, 1)
-              for e in entries if e.clinic_noise_multiplier > 0]
+    noised = [
+        MechanismStep(e.clinic_noise_multiplier, 1.0, 1)
+        for e in entries
+        if e.clinic_noise_multiplier > 0
+    ]
     summary["clinic_level"] = {
         "rounds": len(noised),
         "epsilon": epsilon_for(noised, delta, pc.accountant) if noised else 0.0,
@@ -95,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
     )
     cl = summary.get("clinic_level")
     if cl and cl["rounds"]:
-        print(f"clinic level     ε {cl['epsilon']:.3f} over {cl['rounds']} noised round(s) "
-              "(the clinic as a whole; needs t honest survivors per round)")
+        print(
+            f"clinic level     ε {cl['epsilon']:.3f} over {cl['rounds']} noised round(s) "
+            "(the clinic as a whole; needs t honest survivors per round)"
+        )
     if summary["rounds"]:
         print()
         print(

@@ -116,18 +116,34 @@ class LedgerEntry:
             )
 
     @classmethod
-    def from_decision(cls, decision: RoundDecision, *, round: int, round_id: str,
-                      federation: str, clinic_noise_multiplier: float = 0.0) -> LedgerEntry:
+    def from_decision(
+        cls,
+        decision: RoundDecision,
+        *,
+        round: int,
+        round_id: str,
+        federation: str,
+        clinic_noise_multiplier: float = 0.0,
+    ) -> LedgerEntry:
         """The entry charging an accepted :func:`~clinic_agent.privacy.plan_round` decision."""
-        if not decision.accepted or decision.step is None or decision.delta is None \
-                or decision.epsilon_after is None:
+        if (
+            not decision.accepted
+            or decision.step is None
+            or decision.delta is None
+            or decision.epsilon_after is None
+        ):
             raise ValueError("only an accepted decision with a DP mechanism can be charged")
         return cls(
-            round=round, round_id=round_id, federation=federation,
+            round=round,
+            round_id=round_id,
+            federation=federation,
             noise_multiplier=decision.step.noise_multiplier,
-            sample_rate=decision.step.sample_rate, steps=decision.step.steps,
-            delta=decision.delta, epsilon_after=decision.epsilon_after,
-            accountant=decision.accountant, clinic_noise_multiplier=clinic_noise_multiplier,
+            sample_rate=decision.step.sample_rate,
+            steps=decision.step.steps,
+            delta=decision.delta,
+            epsilon_after=decision.epsilon_after,
+            accountant=decision.accountant,
+            clinic_noise_multiplier=clinic_noise_multiplier,
         )
 
     @property
@@ -148,8 +164,9 @@ class LedgerEntry:
 
 
 def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
 
 
 def _line_hash(seq: int, kind: str, body: Mapping[str, Any], prev: str) -> str:
@@ -159,8 +176,13 @@ def _line_hash(seq: int, kind: str, body: Mapping[str, Any], prev: str) -> str:
 
 
 def _make_line(seq: int, kind: str, body: Mapping[str, Any], prev: str) -> dict[str, Any]:
-    return {"seq": seq, "kind": kind, "body": dict(body), "prev": prev,
-            "hash": _line_hash(seq, kind, body, prev)}
+    return {
+        "seq": seq,
+        "kind": kind,
+        "body": dict(body),
+        "prev": prev,
+        "hash": _line_hash(seq, kind, body, prev),
+    }
 
 
 def _marker_checksum(body: Mapping[str, Any]) -> str:
@@ -190,8 +212,9 @@ class PrivacyLedger:
     with neither file gets a fresh ledger; with ``create=False`` that case is an error too.
     """
 
-    def __init__(self, path: str | Path, *, marker_path: str | Path | None = None,
-                 create: bool = True) -> None:
+    def __init__(
+        self, path: str | Path, *, marker_path: str | Path | None = None, create: bool = True
+    ) -> None:
         self._set_paths(path, marker_path)
         with self._locked():
             if not self.path.exists() and not self.marker_path.exists():
@@ -255,7 +278,8 @@ class PrivacyLedger:
     def _set_paths(self, path: str | Path, marker_path: str | Path | None) -> None:
         self.path = Path(path)
         self.marker_path = (
-            Path(marker_path) if marker_path is not None
+            Path(marker_path)
+            if marker_path is not None
             else self.path.with_name(self.path.name + ".marker")
         )
         self._lock_path = self.path.with_name(self.path.name + ".lock")
@@ -285,8 +309,12 @@ class PrivacyLedger:
         self._write_marker(header["ledger_id"], lines)
 
     def _write_marker(self, ledger_id: str, lines: Sequence[Mapping[str, Any]]) -> None:
-        body = {"format": MARKER_FORMAT, "ledger_id": ledger_id,
-                "entries": len(lines) - 1, "head": lines[-1]["hash"]}
+        body = {
+            "format": MARKER_FORMAT,
+            "ledger_id": ledger_id,
+            "entries": len(lines) - 1,
+            "head": lines[-1]["hash"],
+        }
         marker = {**body, "checksum": _marker_checksum(body)}
         _atomic_write(self.marker_path, _canonical(marker) + b"\n")
 
@@ -301,8 +329,10 @@ class PrivacyLedger:
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
-            raise self._fail("the ledger file is missing (its marker exists, so the clinic "
-                             "has a history: the ledger was deleted or moved)") from None
+            raise self._fail(
+                "the ledger file is missing (its marker exists, so the clinic "
+                "has a history: the ledger was deleted or moved)"
+            ) from None
         except OSError as exc:
             raise self._fail(f"cannot read it ({exc.strerror})") from exc
         if not raw:
@@ -351,8 +381,14 @@ class PrivacyLedger:
             marker = json.loads(raw.decode("ascii"))
             body = {k: marker[k] for k in ("format", "ledger_id", "entries", "head")}
             ok = marker.get("checksum") == _marker_checksum(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
-                AttributeError):
+        except (
+            UnicodeDecodeError,
+            json.JSONDecodeError,
+            KeyError,
+            TypeError,
+            ValueError,
+            AttributeError,
+        ):
             ok = False
         if not ok or body["format"] != MARKER_FORMAT or not isinstance(body["entries"], int):
             raise self._fail(f"its marker {self.marker_path} is damaged")

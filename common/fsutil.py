@@ -22,8 +22,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, temp_prefix: str | None = None
-                 ) -> None:
+def atomic_write(
+    path: Path, data: bytes, *, mode: int = 0o600, temp_prefix: str | None = None
+) -> None:
     """Write ``data`` to ``path`` so readers see the old or the new file, never half of one.
 
     The temporary file is created in the same directory with ``mode`` from the start (never

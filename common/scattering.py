@@ -79,8 +79,9 @@ def filter_bank(size: int) -> tuple[np.ndarray, np.ndarray]:
     real because every filter's envelope is centrally symmetric.
     """
     if size % (2**J) or size < 4 * 2**J:
-        raise ValueError(f"scattering needs a size that is a multiple of {2**J} and >= "
-                         f"{4 * 2**J}, got {size}")
+        raise ValueError(
+            f"scattering needs a size that is a multiple of {2**J} and >= {4 * 2**J}, got {size}"
+        )
     psi = []
     for j in range(J):
         for ell in range(L):

@@ -116,8 +116,9 @@ class Watchdog:
     is a restart, which only the supervisor can do.
     """
 
-    def __init__(self, interval: float, healthy: Callable[[], bool], *,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, interval: float, healthy: Callable[[], bool], *, env: Mapping[str, str] | None = None
+    ) -> None:
         if not interval > 0:
             raise ValueError(f"watchdog interval must be positive, got {interval!r}")
         self.interval = interval
@@ -128,8 +129,9 @@ class Watchdog:
         self.pings = 0
 
     @classmethod
-    def from_environment(cls, healthy: Callable[[], bool], *,
-                         env: Mapping[str, str] | None = None) -> Watchdog | None:
+    def from_environment(
+        cls, healthy: Callable[[], bool], *, env: Mapping[str, str] | None = None
+    ) -> Watchdog | None:
         """A started watchdog when systemd configured one for this process, else None."""
         interval = watchdog_interval(env=env)
         if interval is None:
@@ -161,7 +163,6 @@ class Watchdog:
                 if watchdog_ping(env=self._env):
                     self.pings += 1
             else:
-                log.error("service unhealthy: withholding the watchdog ping so systemd "
-                          "restarts it")
+                log.error("service unhealthy: withholding the watchdog ping so systemd restarts it")
             if self._stop.wait(self.interval / 2):
                 return

@@ -28,7 +28,8 @@ def _add_daemon_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--config", required=True, help="clinic TOML file")
     run.set_defaults(func=_agent_run)
     privacy = agent_sub.add_parser(
-        "privacy", help="the clinic's spent differential-privacy budget, round by round")
+        "privacy", help="the clinic's spent differential-privacy budget, round by round"
+    )
     privacy.add_argument("--config", required=True, help="clinic TOML file")
     privacy.add_argument("--json", action="store_true")
     privacy.set_defaults(func=_agent_privacy)

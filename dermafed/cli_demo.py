@@ -41,12 +41,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Dirichlet label-skew concentration across clinics (default 1.0)",
     )
     demo.add_argument("--epochs", type=int, default=2, help="local epochs per round")
-    demo.add_argument("--lr", type=float, default=None,
-                      help="base local learning rate (Adam; decays across rounds; default: "
-                      "the recipe's, 0.02 with DP, 0.002 without)")
-    demo.add_argument("--model", dest="arch", choices=ARCHITECTURES, default=None,
-                      help="model architecture (default: scatternet with DP, lesionres "
-                      "without)")
+    demo.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="base local learning rate (Adam; decays across rounds; default: "
+        "the recipe's, 0.02 with DP, 0.002 without)",
+    )
+    demo.add_argument(
+        "--model",
+        dest="arch",
+        choices=ARCHITECTURES,
+        default=None,
+        help="model architecture (default: scatternet with DP, lesionres without)",
+    )
     demo.add_argument("--image-size", type=int, default=64, help="model input size in pixels")
     demo.add_argument(
         "--max-images", type=int, default=0, help="use at most this many images of --data (0: all)"
@@ -67,8 +75,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--epsilon-max", type=float, default=8.0, help="each clinic's privacy budget (default 8)"
     )
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--keep-running", action="store_true",
-                      help="after the rounds, keep the federation up for `dermafed admin`")
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="after the rounds, keep the federation up for `dermafed admin`",
+    )
     demo.set_defaults(func=_run)
 
 

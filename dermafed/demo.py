@@ -309,8 +309,9 @@ def prepare_data(opts: DemoOptions, workdir: Path, out: Callable[[str], None]) -
     source = opts.data
     if source is None:
         # Enough images that each clinic's DP budget lasts the demo's rounds.
-        source = generate_synthetic(workdir / "data" / "synthetic", images_per_class=120,
-                                    seed=opts.seed)
+        source = generate_synthetic(
+            workdir / "data" / "synthetic", images_per_class=120, seed=opts.seed
+        )
         out(f"data      synthetic lesion-like images (generated, not patient data): {source}")
     else:
         if not source.exists():

@@ -25,8 +25,9 @@ NV = CLASSES.index("nv")
 @pytest.fixture
 def fed(federation: Federation) -> Federation:
     # A second admin whose certificate the tests revoke.
-    object.__setattr__(federation, "pki", make_federation(
-        federation.tmp / "pki2", admins=("alice", "mallory")))
+    object.__setattr__(
+        federation, "pki", make_federation(federation.tmp / "pki2", admins=("alice", "mallory"))
+    )
     return federation
 
 
@@ -51,12 +52,18 @@ def _bias_delta(coord, shifts: dict[int, float]) -> bytes:
 def _start(fed: Federation, **rounds):
     # Plain rounds: these tests craft float32 deltas by hand.
     cfg = fed.aggregator_config(
-        rounds=RoundsSection(aggregation="plain", min_clinics=2, start_when_connected=2,
-                             train_deadline_s=120.0, **rounds),
+        rounds=RoundsSection(
+            aggregation="plain",
+            min_clinics=2,
+            start_when_connected=2,
+            train_deadline_s=120.0,
+            **rounds,
+        ),
         plan=PlanSection(delta_clip_norm=0.0),
         # The crafted models below are constant classifiers (chance level); compare with
         # them anyway, as an operator who sets a negative margin would.
-        validation=ValidationSection(holdout=fed.holdout, chance_margin=-1.0))
+        validation=ValidationSection(holdout=fed.holdout, chance_margin=-1.0),
+    )
     service = fed.start_aggregator(cfg)
     stubs = raw_clinics(fed, ("clinic-a", "clinic-b"))
     for stub in stubs.values():
@@ -66,12 +73,14 @@ def _start(fed: Federation, **rounds):
 
 def _run_round(service, stubs, number: int, payload: bytes) -> None:
     coord = service.coordinator
-    assert coord.wait_until(lambda: coord.running_round() == number, 20), \
+    assert coord.wait_until(lambda: coord.running_round() == number, 20), (
         f"round {number} did not start"
+    )
     for stub in stubs.values():
         upload(stub, header_for(coord, number), payload)
     assert coord.wait_until(
-        lambda: (rec := service.ledger.round(number)) is not None and rec.outcome is not None, 60)
+        lambda: (rec := service.ledger.round(number)) is not None and rec.outcome is not None, 60
+    )
 
 
 def test_forced_melanoma_regression_is_rejected_and_the_published_model_stays(fed):
@@ -112,8 +121,9 @@ def test_admin_rollback_trigger_abort_and_audit(fed):
     assert second != first and coord.running_round() is None  # max_rounds reached
     alice = _admin(fed, fed.pki.admins["alice"])
 
-    resp = alice.Rollback(admin_pb2.RollbackRequest(round=1, reason="regression at site B"),
-                          timeout=5)
+    resp = alice.Rollback(
+        admin_pb2.RollbackRequest(round=1, reason="regression at site B"), timeout=5
+    )
     assert (resp.checkpoint, resp.round, resp.changed) == (first, 1, True)
     # Idempotent: the same rollback again changes nothing.
     again = alice.Rollback(admin_pb2.RollbackRequest(round=1), timeout=5)
@@ -137,10 +147,14 @@ def test_admin_rollback_trigger_abort_and_audit(fed):
         alice.TriggerRound(admin_pb2.TriggerRoundRequest(), timeout=5)
     assert "round 3" in (info.value.details() or "")
     # Rolling back while a round runs is refused; aborting needs the right number.
-    assert code_of(lambda: alice.Rollback(admin_pb2.RollbackRequest(round=2), timeout=5)) \
+    assert (
+        code_of(lambda: alice.Rollback(admin_pb2.RollbackRequest(round=2), timeout=5))
         == grpc.StatusCode.FAILED_PRECONDITION
-    assert code_of(lambda: alice.AbortRound(admin_pb2.AbortRoundRequest(round=4), timeout=5)) \
+    )
+    assert (
+        code_of(lambda: alice.AbortRound(admin_pb2.AbortRoundRequest(round=4), timeout=5))
         == grpc.StatusCode.FAILED_PRECONDITION
+    )
     alice.AbortRound(admin_pb2.AbortRoundRequest(round=3, reason="maintenance"), timeout=5)
     rec = service.ledger.round(3)
     assert rec is not None and rec.outcome == "aborted" and "maintenance" in (rec.reason or "")
@@ -179,10 +193,14 @@ def test_bad_admin_input_is_refused_and_changes_nothing(fed):
         (rollback(checkpoint="f" * 64), grpc.StatusCode.NOT_FOUND),
         (rollback(checkpoint="../../etc/passwd"), grpc.StatusCode.INVALID_ARGUMENT),
         (rollback(), grpc.StatusCode.INVALID_ARGUMENT),
-        (lambda: alice.AbortRound(admin_pb2.AbortRoundRequest(round=0), timeout=5),
-         grpc.StatusCode.INVALID_ARGUMENT),
-        (lambda: alice.AbortRound(admin_pb2.AbortRoundRequest(round=1), timeout=5),
-         grpc.StatusCode.FAILED_PRECONDITION),  # nothing running
+        (
+            lambda: alice.AbortRound(admin_pb2.AbortRoundRequest(round=0), timeout=5),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda: alice.AbortRound(admin_pb2.AbortRoundRequest(round=1), timeout=5),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),  # nothing running
     ]
     for call, expected in cases:
         assert code_of(call) == expected
@@ -198,13 +216,15 @@ ADMIN_CALLS = {
     "ListCheckpoints": lambda s: s.ListCheckpoints(admin_pb2.ListCheckpointsRequest(), timeout=5),
     "ListClinics": lambda s: s.ListClinics(admin_pb2.ListClinicsRequest(), timeout=5),
     "ReloadRevocations": lambda s: s.ReloadRevocations(
-        admin_pb2.ReloadRevocationsRequest(), timeout=5),
+        admin_pb2.ReloadRevocationsRequest(), timeout=5
+    ),
 }
 
 
 def test_authorisation_matrix_for_every_admin_method(fed):
-    service = fed.start_aggregator(fed.aggregator_config(
-        rounds=RoundsSection(min_clinics=5, start_when_connected=5)))
+    service = fed.start_aggregator(
+        fed.aggregator_config(rounds=RoundsSection(min_clinics=5, start_when_connected=5))
+    )
     pki = fed.pki
     revoke(pki.ca_dir, name="mallory")
     service_stubs = {
@@ -230,13 +250,16 @@ def test_authorisation_matrix_for_every_admin_method(fed):
                 got = exc.code()
             if who == "admin":
                 # Authorised: any answer but an authentication/authorisation failure.
-                assert got not in (grpc.StatusCode.UNAUTHENTICATED,
-                                   grpc.StatusCode.PERMISSION_DENIED,
-                                   grpc.StatusCode.UNAVAILABLE), (method, got)
+                assert got not in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.UNAVAILABLE,
+                ), (method, got)
             else:
                 assert got == expected[who], (method, who, got)
     denied = service.registry.get_sample_value(
-        "dermafed_rejected_requests_total", {"method": "Rollback", "code": "PERMISSION_DENIED"})
+        "dermafed_rejected_requests_total", {"method": "Rollback", "code": "PERMISSION_DENIED"}
+    )
     assert denied == 2
 
 
@@ -248,9 +271,14 @@ def test_admin_cli_tables_and_json(fed, capsys, tmp_path):
     _run_round(service, stubs, 1, _bias_delta(service.coordinator, {MEL: 1.0}))
     pair = fed.pki.admins["alice"]
     cfg = tmp_path / "admin.toml"
-    write_toml(cfg, {"federation": fed.pki.federation,
-                     "aggregator": {"address": f"localhost:{service.port}"},
-                     "tls": {"ca_cert": fed.pki.ca_cert, "cert": pair.cert, "key": pair.key}})
+    write_toml(
+        cfg,
+        {
+            "federation": fed.pki.federation,
+            "aggregator": {"address": f"localhost:{service.port}"},
+            "tls": {"ca_cert": fed.pki.ca_cert, "cert": pair.cert, "key": pair.key},
+        },
+    )
     assert main(["admin", "--config", str(cfg), "status"]) == 0
     out = capsys.readouterr().out
     assert "published          round 1" in out

@@ -17,8 +17,9 @@ finite_f32 = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=3
 
 
 @settings(max_examples=200, deadline=None)
-@given(vector=arrays(np.float32, st.integers(1, 300), elements=finite_f32),
-       bound=st.floats(1e-3, 1e4))
+@given(
+    vector=arrays(np.float32, st.integers(1, 300), elements=finite_f32), bound=st.floats(1e-3, 1e4)
+)
 def test_clip_l2_properties(vector: np.ndarray, bound: float) -> None:
     original = vector.copy()
     clipped, norm = clip_l2(vector, bound)
@@ -31,8 +32,9 @@ def test_clip_l2_properties(vector: np.ndarray, bound: float) -> None:
     else:
         # Same direction, scaled down to (just about) the bound.
         assert l2_norm(clipped) == pytest.approx(bound, rel=1e-5)
-        np.testing.assert_allclose(clipped, vector * np.float32(bound / norm),
-                                   rtol=1e-5, atol=1e-30 + bound * 1e-6)
+        np.testing.assert_allclose(
+            clipped, vector * np.float32(bound / norm), rtol=1e-5, atol=1e-30 + bound * 1e-6
+        )
 
 
 def test_clip_l2_on_a_model_sized_vector() -> None:

@@ -37,7 +37,9 @@ def _processes_mentioning(text: str) -> list[int]:
 def _demo(workdir: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "dermafed.cli", "demo", "--workdir", str(workdir), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         # Python leaves SIGINT ignored if it was ignored when the test started.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -51,8 +53,16 @@ def test_demo_runs_a_federation_and_prints_the_table(tmp_path: Path):
     assert proc.returncode == 0, out
     assert "synthetic" in out
     header = next(line for line in out.splitlines() if line.lstrip().startswith("round"))
-    for column in ("outcome", "gate", "clinics", "train loss", "accuracy", "bal. acc",
-                   "mel sens", "seconds"):
+    for column in (
+        "outcome",
+        "gate",
+        "clinics",
+        "train loss",
+        "accuracy",
+        "bal. acc",
+        "mel sens",
+        "seconds",
+    ):
         assert column in header
     row = out.splitlines()[out.splitlines().index(header) + 1].split()
     assert row[:2] == ["1", "published"] and row[3] == "3/3"
@@ -60,7 +70,8 @@ def test_demo_runs_a_federation_and_prints_the_table(tmp_path: Path):
     ledger = workdir / "state" / "aggregator" / "ledger.sqlite"
     conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     outcome, mode, cid = conn.execute(
-        "SELECT outcome, mode, checkpoint FROM rounds WHERE number = 1").fetchone()
+        "SELECT outcome, mode, checkpoint FROM rounds WHERE number = 1"
+    ).fetchone()
     conn.close()
     assert (outcome, mode) == ("published", "secure")
     assert (workdir / "state" / "aggregator" / "checkpoints" / f"{cid}.safetensors").exists()

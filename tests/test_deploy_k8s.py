@@ -58,15 +58,21 @@ def require_binary(name: str) -> str:
 
 def render(kustomization: Path) -> list[dict[str, Any]]:
     kubectl = require_binary("kubectl")
-    result = subprocess.run([kubectl, "kustomize", str(kustomization)], capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [kubectl, "kustomize", str(kustomization)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind
-             and (name is None or d["metadata"]["name"] == name)]
+    found = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
 
@@ -111,26 +117,35 @@ def test_podmonitor_component_renders_and_matches_the_aggregator(tmp_path: Path)
     overlay = tmp_path / "with-podmonitor"
     overlay.mkdir()
     # As in an overlay: components' resources take the overlay's namespace.
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "namespace": "dermafed-monitored",
-        "resources": [os.path.relpath(K8S / "base", overlay)],
-        "components": [os.path.relpath(K8S / "components" / "podmonitor", overlay)],
-    }))
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "namespace": "dermafed-monitored",
+                "resources": [os.path.relpath(K8S / "base", overlay)],
+                "components": [os.path.relpath(K8S / "components" / "podmonitor", overlay)],
+            }
+        )
+    )
     docs = render(overlay)
     monitor = one(docs, "PodMonitor")
     statefulset = one(docs, "StatefulSet")
     # A CRD: no bundled schema, so check what matters by hand.
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    assert monitor["metadata"]["namespace"] == statefulset["metadata"]["namespace"] == \
-        "dermafed-monitored"
+    assert (
+        monitor["metadata"]["namespace"]
+        == statefulset["metadata"]["namespace"]
+        == "dermafed-monitored"
+    )
     pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    port_names = {p["name"] for p in statefulset["spec"]["template"]["spec"]["containers"][0]
-                  ["ports"]}
+    port_names = {
+        p["name"] for p in statefulset["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
     endpoint = monitor["spec"]["podMetricsEndpoints"][0]
     assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
-    assert {"PodMonitor"} & {d["kind"] for d in render(K8S / "base")} == set(), \
+    assert {"PodMonitor"} & {d["kind"] for d in render(K8S / "base")} == set(), (
         "the PodMonitor must stay optional (it needs the operator's CRDs)"
+    )
 
 
 # --- hardening -------------------------------------------------------------------------
@@ -199,8 +214,9 @@ def test_network_policies(base, clinic):
     rules = {r["ports"][0]["port"]: r for r in policy["spec"]["ingress"]}
     assert set(rules) == {7443, 9464}
     assert "from" not in rules[7443], "clinics connect from anywhere (mTLS decides)"
-    assert rules[9464]["from"] == [{"namespaceSelector": {"matchLabels": {
-        "kubernetes.io/metadata.name": "monitoring"}}}]
+    assert rules[9464]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
     agent_policy = one(clinic, "NetworkPolicy")
     assert [r["ports"][0]["port"] for r in agent_policy["spec"]["ingress"]] == [9464]
     egress_ports = {p["port"] for r in agent_policy["spec"]["egress"] for p in r["ports"]}
@@ -242,7 +258,9 @@ def test_aggregator_manifests_match_its_config(base):
     assert container["readinessProbe"]["grpc"]["service"] == "dermafed.v1.Federation"
     service = one(base, "Service", "dermafed-aggregator")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
-        "grpc": ports["grpc"], "metrics": ports["metrics"]}
+        "grpc": ports["grpc"],
+        "metrics": ports["metrics"],
+    }
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert container["args"][-1] == f"{mounts['config']}/aggregator.toml"
     assert config["storage"]["state_dir"] == mounts["state"]
@@ -280,26 +298,40 @@ def pod_env(paths: dict[str, Path]) -> dict[str, str]:
 def test_shipped_aggregator_configs_load_with_the_real_loader(base, example, pki, tmp_path):
     holdout = tmp_path / "holdout.csv"
     holdout.write_text("image_id,dx,lesion_id\n")
-    env = pod_env({
-        "TLS__CA_CERT": pki.ca_cert, "TLS__CERT": pki.aggregator.cert,
-        "TLS__KEY": pki.aggregator.key, "TLS__CRL": pki.crl,
-        "STORAGE__STATE_DIR": tmp_path / "state", "VALIDATION__HOLDOUT": holdout})
+    env = pod_env(
+        {
+            "TLS__CA_CERT": pki.ca_cert,
+            "TLS__CERT": pki.aggregator.cert,
+            "TLS__KEY": pki.aggregator.key,
+            "TLS__CRL": pki.crl,
+            "STORAGE__STATE_DIR": tmp_path / "state",
+            "VALIDATION__HOLDOUT": holdout,
+        }
+    )
     for name, docs in (("base", base), ("example", example)):
         path = tmp_path / f"{name}-aggregator.toml"
         path.write_text(config_text(docs, "aggregator.toml"))
         config = load_aggregator_config(path, env=env)
         assert config.server.listen == "0.0.0.0:7443"
         assert port_of(config.server.health_listen) == 7444
-    assert load_aggregator_config(tmp_path / "example-aggregator.toml",
-                                  env=env).federation == "example-fed"
+    assert (
+        load_aggregator_config(tmp_path / "example-aggregator.toml", env=env).federation
+        == "example-fed"
+    )
 
 
 def test_shipped_agent_config_loads_with_the_real_loader(clinic, pki, tmp_path):
     pair = pki.clinics["clinic-a"]
     (tmp_path / "data").mkdir()
-    env = pod_env({
-        "TLS__CA_CERT": pki.ca_cert, "TLS__CERT": pair.cert, "TLS__KEY": pair.key,
-        "DATA__PATH": tmp_path / "data", "STORAGE__STATE_DIR": tmp_path / "state"})
+    env = pod_env(
+        {
+            "TLS__CA_CERT": pki.ca_cert,
+            "TLS__CERT": pair.cert,
+            "TLS__KEY": pair.key,
+            "DATA__PATH": tmp_path / "data",
+            "STORAGE__STATE_DIR": tmp_path / "state",
+        }
+    )
     path = tmp_path / "agent.toml"
     path.write_text(config_text(clinic, "agent.toml"))
     config = load_clinic_config(path, env=env)
@@ -307,8 +339,9 @@ def test_shipped_agent_config_loads_with_the_real_loader(clinic, pki, tmp_path):
 
 
 def test_example_overlay_customises_the_base(base, example):
-    assert {d["metadata"].get("namespace") for d in example if d["kind"] != "Namespace"} == \
-        {"dermafed-example"}
+    assert {d["metadata"].get("namespace") for d in example if d["kind"] != "Namespace"} == {
+        "dermafed-example"
+    }
     assert one(example, "Namespace")["metadata"]["name"] == "dermafed-example"
     sts = one(example, "StatefulSet")
     assert pod_spec(sts)["containers"][0]["image"] == "registry.example.org/dermafed:0.1.0"
@@ -334,9 +367,12 @@ def aggregator_with_health_port(tmp_path: Path) -> Iterator[Federation]:
     data.mkdir()
     fed = Federation(tmp_path, make_federation(tmp_path / "pki"), {"clinic-a": data}, data)
     try:
-        fed.start_aggregator(fed.aggregator_config(
-            server=ServerSection(listen="127.0.0.1:0", health_listen="127.0.0.1:0"),
-            validation=ValidationSection()))
+        fed.start_aggregator(
+            fed.aggregator_config(
+                server=ServerSection(listen="127.0.0.1:0", health_listen="127.0.0.1:0"),
+                validation=ValidationSection(),
+            )
+        )
         yield fed
     finally:
         fed.stop()
@@ -353,13 +389,13 @@ def test_kubelet_can_probe_the_health_port_but_not_the_mtls_port(aggregator_with
         # Nothing but health is served there.
         with pytest.raises(grpc.RpcError) as err:
             federation_pb2_grpc.FederationStub(channel).Poll(
-                federation_pb2.PollRequest(), timeout=10)
+                federation_pb2.PollRequest(), timeout=10
+            )
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     # What a probe without a client certificate gets from the federation port.
     with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
         with pytest.raises(grpc.RpcError) as err:
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                      timeout=5)
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -381,7 +417,7 @@ def test_dockerfile_is_multistage_cpu_only_and_runs_as_the_manifests_user(base, 
     instructions = dockerfile_instructions()
     stages = [i for i, (kw, _) in enumerate(instructions) if kw == "FROM"]
     assert len(stages) >= 2, "build tools must stay out of the runtime stage"
-    final = instructions[stages[-1]:]
+    final = instructions[stages[-1] :]
     users = [arg for kw, arg in final if kw == "USER"]
     assert users, "the runtime stage must drop root"
     uid = users[-1].split(":")[0]
@@ -399,12 +435,14 @@ def test_dockerfile_is_multistage_cpu_only_and_runs_as_the_manifests_user(base, 
     assert torch_runs, f"the image must install {torch_pin} (the project's pin)"
     assert "--index-url" in runs[torch_runs[0]] and "/whl/cpu" in runs[torch_runs[0]]
     project_runs = [i for i, r in enumerate(runs) if re.search(r"pip install .*\s\.(\s|$)", r)]
-    assert project_runs and torch_runs[0] < project_runs[0], \
+    assert project_runs and torch_runs[0] < project_runs[0], (
         "CPU torch first, or pip resolves the CUDA build for the project's dependency"
+    )
     locked = "--require-hashes -r requirements/runtime.lock"
     lock_runs = [i for i, r in enumerate(runs) if locked in r]
-    assert lock_runs and torch_runs[0] < lock_runs[0] < project_runs[0], \
+    assert lock_runs and torch_runs[0] < lock_runs[0] < project_runs[0], (
         "the locked dependencies, hash-checked, between torch and the project"
+    )
     assert "--no-deps" in shlex.split(runs[project_runs[0]]), "the project must resolve nothing"
 
 
@@ -424,12 +462,14 @@ def test_dockerfile_copies_no_secrets():
     assert "*" in ignore, "the context starts from nothing and lets back what is needed"
     assert "**/*.key" in ignore and "**/*.pem" in ignore
     packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"]["find"]["include"]
+        "packages"
+    ]["find"]["include"]
     for package in packages:
         assert f"!{package.rstrip('*')}/" in ignore, f"{package} missing from the build context"
 
 
 def test_dockerfile_exposes_the_manifests_ports(base):
-    exposed = {int(p) for kw, arg in dockerfile_instructions() if kw == "EXPOSE"
-               for p in arg.split()}
+    exposed = {
+        int(p) for kw, arg in dockerfile_instructions() if kw == "EXPOSE" for p in arg.split()
+    }
     assert set(container_ports(one(base, "StatefulSet")).values()) == exposed

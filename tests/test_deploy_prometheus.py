@@ -54,17 +54,46 @@ def require_binary(name: str) -> str:
 
 def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
     promtool = require_binary("promtool")
-    return subprocess.run([promtool, *args], capture_output=True, text=True, timeout=120,
-                          check=False)
+    return subprocess.run(
+        [promtool, *args], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 # --- PromQL: pulling metric names out of expressions -----------------------------------
 
-_KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left",
-             "group_right", "offset", "bool", "inf", "nan", "atan2"}
+_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "inf",
+    "nan",
+    "atan2",
+}
 # Aggregation operators may be followed by "by (...)" instead of their argument list.
-_AGGREGATIONS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count",
-                 "count_values", "bottomk", "topk", "quantile", "limitk", "limit_ratio"}
+_AGGREGATIONS = {
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+    "limitk",
+    "limit_ratio",
+}
 _LABEL_LIST_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right"}
 _IDENT = re.compile(r"(?<![\w.:])[A-Za-z_:][A-Za-z0-9_:]*")
 
@@ -109,9 +138,11 @@ def metric_names(expr: str) -> set[str]:
 
 
 def test_metric_name_extraction_known_answers():
-    expr = ('histogram_quantile(0.95, sum by (le, stage) (rate(a_seconds_bucket{job=~"x|y", '
-            'stage!="train"}[5m]))) / on (instance) group_left (clinic) b_total offset 1h '
-            'and ignoring(x) c > bool 2e3 unless time() - d:recorded{l="sum(z)"}')
+    expr = (
+        'histogram_quantile(0.95, sum by (le, stage) (rate(a_seconds_bucket{job=~"x|y", '
+        'stage!="train"}[5m]))) / on (instance) group_left (clinic) b_total offset 1h '
+        'and ignoring(x) c > bool 2e3 unless time() - d:recorded{l="sum(z)"}'
+    )
     assert metric_names(expr) == {"a_seconds_bucket", "b_total", "c", "d:recorded"}
     assert metric_names("vector(6 * 3600)") == set()
     assert metric_names('up{job=~"dermafed-.*"} == 0') == {"up"}
@@ -129,13 +160,21 @@ def rule_expressions() -> list[str]:
 
 
 def recorded_names() -> set[str]:
-    return {rule["record"] for group in _load_yaml(ALERTS)["groups"] for rule in group["rules"]
-            if "record" in rule}
+    return {
+        rule["record"]
+        for group in _load_yaml(ALERTS)["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
 
 
 def alert_names() -> list[str]:
-    return [rule["alert"] for group in _load_yaml(ALERTS)["groups"] for rule in group["rules"]
-            if "alert" in rule]
+    return [
+        rule["alert"]
+        for group in _load_yaml(ALERTS)["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
 
 
 def test_alert_rules_pass_promtool_check():
@@ -165,10 +204,16 @@ def test_every_alert_is_tested_firing_and_silent():
 
 def test_alerts_cover_the_operational_failure_modes():
     metrics_alerted_on = set().union(*(metric_names(e) for e in rule_expressions()))
-    for metric in ("dermafed_rounds_total", "dermafed_published_timestamp_seconds",
-                   "dermafed_clinic_last_seen_timestamp_seconds", "dermafed_rollbacks_total",
-                   "dermafed_clinic_epsilon_remaining", "dermafed_agent_epsilon_remaining",
-                   "dermafed_certificate_expiry_timestamp_seconds", "dermafed_agent_connected"):
+    for metric in (
+        "dermafed_rounds_total",
+        "dermafed_published_timestamp_seconds",
+        "dermafed_clinic_last_seen_timestamp_seconds",
+        "dermafed_rollbacks_total",
+        "dermafed_clinic_epsilon_remaining",
+        "dermafed_agent_epsilon_remaining",
+        "dermafed_certificate_expiry_timestamp_seconds",
+        "dermafed_agent_connected",
+    ):
         assert metric in metrics_alerted_on, f"no alert uses {metric}"
     for group in _load_yaml(ALERTS)["groups"]:
         for rule in group["rules"]:
@@ -230,9 +275,17 @@ def grafana_to_promql(expr: str) -> str:
 
 def test_dashboard_queries_parse_with_promtool(tmp_path: Path):
     queries = dashboard_queries()
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard_query_{i}", "expr": grafana_to_promql(expr)}
-        for i, (_, expr) in enumerate(queries)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard_query_{i}", "expr": grafana_to_promql(expr)}
+                    for i, (_, expr) in enumerate(queries)
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump(rules))
     result = run_promtool("check", "rules", str(path))
@@ -251,8 +304,11 @@ def test_dashboard_structure():
     for panel in panels:
         pos = panel["gridPos"]
         assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, panel["title"]
-        cells = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"])
-                 for y in range(pos["y"], pos["y"] + pos["h"])}
+        cells = {
+            (x, y)
+            for x in range(pos["x"], pos["x"] + pos["w"])
+            for y in range(pos["y"], pos["y"] + pos["h"])
+        }
         assert not cells & occupied, f"panel {panel['title']!r} overlaps another"
         occupied |= cells
         if panel["type"] != "row":
@@ -266,14 +322,21 @@ def test_dashboard_structure():
 
 def test_dashboard_shows_what_operators_need():
     everything = set().union(*(metric_names(expr) for _, expr in dashboard_queries()))
-    for metric in ("dermafed_rounds_total", "dermafed_round_stage_duration_seconds_bucket",
-                   "dermafed_round_cohort_size", "dermafed_clinic_dropouts_total",
-                   "dermafed_validation_score", "dermafed_validation_sensitivity",
-                   "dermafed_clinic_epsilon_spent", "dermafed_agent_epsilon_spent"):
+    for metric in (
+        "dermafed_rounds_total",
+        "dermafed_round_stage_duration_seconds_bucket",
+        "dermafed_round_cohort_size",
+        "dermafed_clinic_dropouts_total",
+        "dermafed_validation_score",
+        "dermafed_validation_sensitivity",
+        "dermafed_clinic_epsilon_spent",
+        "dermafed_agent_epsilon_spent",
+    ):
         assert metric in everything, f"the dashboard does not show {metric}"
     annotations = [ann for ann in _dashboard()["annotations"]["list"] if "expr" in ann]
-    assert any("dermafed_rollbacks_total" in metric_names(a["expr"]) and a["enable"]
-               for a in annotations), "rollbacks must be annotated on the graphs"
+    assert any(
+        "dermafed_rollbacks_total" in metric_names(a["expr"]) and a["enable"] for a in annotations
+    ), "rollbacks must be annotated on the graphs"
 
 
 # --- every queried name exists in a live scrape ------------------------------------------
@@ -305,8 +368,11 @@ def live_exposition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # No images needed: the metric families exist from start-up; no round has to run.
     fed = Federation(tmp, make_federation(tmp / "pki"), {"clinic-a": data}, data)
     try:
-        service = fed.start_aggregator(fed.aggregator_config(
-            validation=ValidationSection(), metrics=MetricsSection(listen="127.0.0.1:0")))
+        service = fed.start_aggregator(
+            fed.aggregator_config(
+                validation=ValidationSection(), metrics=MetricsSection(listen="127.0.0.1:0")
+            )
+        )
         assert service.metrics_port is not None
         agent = fed.start_agent("clinic-a")
         coord = service.coordinator
@@ -328,8 +394,9 @@ def live_exposition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_live_scrape_contains_both_services(live_exposition: str):
     names = exported_names(live_exposition)
     assert "dermafed_round_number" in names and "dermafed_agent_connected" in names
-    assert re.search(r'^dermafed_clinic_last_seen_timestamp_seconds\{clinic="clinic-a"\} ',
-                     live_exposition, re.M)
+    assert re.search(
+        r'^dermafed_clinic_last_seen_timestamp_seconds\{clinic="clinic-a"\} ', live_exposition, re.M
+    )
     assert re.search(r"^dermafed_agent_connected 1\.0$", live_exposition, re.M)
 
 
@@ -337,15 +404,26 @@ def test_every_metric_in_dashboard_and_rules_is_exported(live_exposition: str):
     exported = exported_names(live_exposition) | PROMETHEUS_SERIES | recorded_names()
     used = [(f"rule {i}", expr) for i, expr in enumerate(rule_expressions())]
     used += dashboard_queries()
-    missing = {f"{where}: {name}" for where, expr in used for name in metric_names(expr)
-               if name not in exported}
+    missing = {
+        f"{where}: {name}"
+        for where, expr in used
+        for name in metric_names(expr)
+        if name not in exported
+    }
     assert not missing, "queried but not exported:\n" + "\n".join(sorted(missing))
     # And the check is not vacuous: most queries do name a dermafed metric.
     assert sum(1 for _, e in used if any(n.startswith("dermafed_") for n in metric_names(e))) > 40
 
 
 def test_exported_names_understand_histograms_and_counters():
-    text = ("# TYPE x_seconds histogram\n# TYPE y_total counter\n"
-            "y_total 3.0\n# TYPE z gauge\nz{a=\"b\"} 1.0\n")
-    assert exported_names(text) == {"x_seconds_bucket", "x_seconds_sum", "x_seconds_count",
-                                    "y_total", "z"}
+    text = (
+        "# TYPE x_seconds histogram\n# TYPE y_total counter\n"
+        'y_total 3.0\n# TYPE z gauge\nz{a="b"} 1.0\n'
+    )
+    assert exported_names(text) == {
+        "x_seconds_bucket",
+        "x_seconds_sum",
+        "x_seconds_count",
+        "y_total",
+        "z",
+    }

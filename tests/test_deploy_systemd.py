@@ -71,19 +71,24 @@ def verifiable_copy(unit: Path, tmp: Path, name: str) -> Path:
     return copy
 
 
-@pytest.mark.parametrize(("unit", "name"), [
-    (AGGREGATOR, "dermafed-aggregator.service"),
-    # A template is verified as an instance, so %i is expanded as at run time.
-    (AGENT, "dermafed-agent@clinic-a.service"),
-])
+@pytest.mark.parametrize(
+    ("unit", "name"),
+    [
+        (AGGREGATOR, "dermafed-aggregator.service"),
+        # A template is verified as an instance, so %i is expanded as at run time.
+        (AGENT, "dermafed-agent@clinic-a.service"),
+    ],
+)
 def test_units_pass_systemd_analyze_verify(unit: Path, name: str, tmp_path: Path):
     analyze = require_binary("systemd-analyze")
     copy = verifiable_copy(unit, tmp_path, name)
-    result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        [analyze, "verify", str(copy)], capture_output=True, text=True, timeout=120, check=False
+    )
     # Unknown keys and bad values are only warnings, so any output is a failure too.
-    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), \
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
         result.stdout + result.stderr
+    )
 
 
 def test_verify_would_catch_a_typo(tmp_path: Path):
@@ -91,34 +96,53 @@ def test_verify_would_catch_a_typo(tmp_path: Path):
     analyze = require_binary("systemd-analyze")
     copy = verifiable_copy(AGGREGATOR, tmp_path, "dermafed-aggregator.service")
     copy.write_text(copy.read_text().replace("ProtectHome=yes", "ProtectHomes=yes"))
-    result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        [analyze, "verify", str(copy)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert "ProtectHomes" in result.stderr
 
 
 @pytest.mark.parametrize("unit", [AGGREGATOR, AGENT], ids=lambda u: u.name)
 def test_security_exposure_is_within_the_committed_bound(unit: Path):
     analyze = require_binary("systemd-analyze")
-    result = subprocess.run([analyze, "security", "--offline=yes", str(unit)],
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [analyze, "security", "--offline=yes", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     score = float(match.group(1))
     assert score <= EXPOSURE_BOUND[unit.name], (
-        f"{unit.name}: exposure {score} > {EXPOSURE_BOUND[unit.name]}\n{result.stdout}")
+        f"{unit.name}: exposure {score} > {EXPOSURE_BOUND[unit.name]}\n{result.stdout}"
+    )
 
 
 @pytest.mark.parametrize("unit", [AGGREGATOR, AGENT], ids=lambda u: u.name)
 def test_units_are_notify_services_with_watchdog_graceful_stop_and_hardening(unit: Path):
     d = directives(unit)
     expected = {
-        "Type": "notify", "NotifyAccess": "main", "KillSignal": "SIGTERM",
-        "User": "dermafed", "ProtectSystem": "strict", "ProtectHome": "yes",
-        "PrivateTmp": "yes", "PrivateDevices": "yes", "NoNewPrivileges": "yes",
-        "CapabilityBoundingSet": "", "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
-        "LockPersonality": "yes", "RestrictNamespaces": "yes", "ProtectKernelTunables": "yes",
-        "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes",
-        "SystemCallArchitectures": "native", "MemoryDenyWriteExecute": "no",
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "KillSignal": "SIGTERM",
+        "User": "dermafed",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "NoNewPrivileges": "yes",
+        "CapabilityBoundingSet": "",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+        "LockPersonality": "yes",
+        "RestrictNamespaces": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "SystemCallArchitectures": "native",
+        "MemoryDenyWriteExecute": "no",
     }
     for key, value in expected.items():
         assert d.get(key) == [value], f"{unit.name}: {key}={d.get(key)}"
@@ -142,8 +166,10 @@ def test_exec_start_runs_real_cli_commands():
 
 def test_stop_budgets_match_the_kubernetes_grace_periods():
     """Both supervisors give a daemon the same time to stop before killing it."""
-    for unit, manifest in ((AGGREGATOR, "base/aggregator-statefulset.yaml"),
-                           (AGENT, "clinic/agent-deployment.yaml")):
+    for unit, manifest in (
+        (AGGREGATOR, "base/aggregator-statefulset.yaml"),
+        (AGENT, "clinic/agent-deployment.yaml"),
+    ):
         workload = yaml.safe_load((REPO / "deploy" / "k8s" / manifest).read_text())
         grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         assert int(directives(unit)["TimeoutStopSec"][0]) == grace, unit.name
@@ -152,11 +178,18 @@ def test_stop_budgets_match_the_kubernetes_grace_periods():
 def test_sysusers_creates_the_units_user(tmp_path: Path):
     sysusers = require_binary("systemd-sysusers")
     (tmp_path / "etc").mkdir()
-    result = subprocess.run([sysusers, f"--root={tmp_path}", str(SYSUSERS)],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sysusers, f"--root={tmp_path}", str(SYSUSERS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
-    entries = {line.split(":")[0]: line.split(":")
-               for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
+    entries = {
+        line.split(":")[0]: line.split(":")
+        for line in (tmp_path / "etc" / "passwd").read_text().splitlines()
+    }
     user = entries["dermafed"]
     assert int(user[2]) != 0 and user[6] == "/usr/sbin/nologin"
     for unit in (AGGREGATOR, AGENT):
@@ -182,8 +215,9 @@ def test_pytorch_needs_writable_executable_memory():
             print(exc)
             sys.exit(1)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
     if result.returncode == 77:
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
     assert result.returncode == 1, result.stdout + result.stderr

@@ -57,8 +57,14 @@ def test_batchnorm_model_is_refused_with_a_clear_error() -> None:
         check_dp_compatible(model)
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(DPModelError, match="not compatible with DP-SGD"):
-        make_private(bn, torch.optim.SGD(bn.parameters(), lr=0.1), noise_multiplier=1.0,
-                     max_grad_norm=1.0, expected_batch_size=4, generator=torch.Generator())
+        make_private(
+            bn,
+            torch.optim.SGD(bn.parameters(), lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+            generator=torch.Generator(),
+        )
 
 
 # -- per-example clipping ---------------------------------------------------------------
@@ -71,9 +77,14 @@ def test_every_per_example_gradient_is_clipped_to_max_grad_norm() -> None:
     model = build_model(TINY)
     reference = copy.deepcopy(model)
     clip = 0.05  # far below the raw per-example norms, so clipping is active for all
-    gsm, opt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                            noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=6,
-                            generator=torch.Generator().manual_seed(0))
+    gsm, opt = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=6,
+        generator=torch.Generator().manual_seed(0),
+    )
     loss_fn = per_example_loss_fn(None)
 
     # Per-example gradients computed one example at a time, without Opacus.
@@ -110,9 +121,14 @@ def test_channels_last_input_gives_the_same_per_example_gradients() -> None:
     for batch in (x, x.contiguous()):
         model = build_model(TINY)
         model.load_state_dict(initial_state(TINY, 3))
-        gsm, opt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=5,
-                                generator=torch.Generator())
+        gsm, opt = make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            expected_batch_size=5,
+            generator=torch.Generator(),
+        )
         per_example_loss_fn(None)(gsm(batch), torch.from_numpy(labels)).backward()
         norms.append(torch.cat([p.grad_sample.reshape(5, -1) for p in opt.params], 1))
     torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=1e-7)
@@ -122,13 +138,19 @@ def test_a_single_example_moves_the_gradient_by_at_most_max_grad_norm() -> None:
     torch.manual_seed(1)
     images, labels = _data(4, seed=1)
     model = build_model(TINY)
-    gsm, opt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                            noise_multiplier=0.0, max_grad_norm=0.3, expected_batch_size=1,
-                            generator=torch.Generator())
+    gsm, opt = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=0.3,
+        expected_batch_size=1,
+        generator=torch.Generator(),
+    )
     for i in range(4):
         opt.zero_grad(set_to_none=True)
-        per_example_loss_fn(None)(gsm(to_input(images[i : i + 1])),
-                                  torch.from_numpy(labels[i : i + 1])).backward()
+        per_example_loss_fn(None)(
+            gsm(to_input(images[i : i + 1])), torch.from_numpy(labels[i : i + 1])
+        ).backward()
         assert opt.pre_step()
         norm = _flat_grads([p.grad for p in opt.params]).norm().item()  # type: ignore[misc]
         assert norm <= 0.3 * (1 + 1e-5)
@@ -141,10 +163,15 @@ def test_a_single_example_moves_the_gradient_by_at_most_max_grad_norm() -> None:
 def test_noise_has_std_sigma_times_clip_over_expected_batch(secure_noise: bool) -> None:
     sigma, clip, batch = 1.3, 0.7, 25.0
     model = nn.Linear(500, 200)  # 100,200 parameters: std estimated to about 0.3 %
-    gsm, opt = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
-                            noise_multiplier=sigma, max_grad_norm=clip,
-                            expected_batch_size=batch, generator=torch.Generator().manual_seed(5),
-                            secure_noise=secure_noise)
+    gsm, opt = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=batch,
+        generator=torch.Generator().manual_seed(5),
+        secure_noise=secure_noise,
+    )
     opt.zero_grad(set_to_none=True)
     (gsm(torch.zeros(25, 500)) * 0.0).sum().backward()  # every per-example gradient is 0
     assert opt.pre_step()
@@ -157,9 +184,14 @@ def test_noise_has_std_sigma_times_clip_over_expected_batch(secure_noise: bool) 
 def test_an_empty_poisson_batch_still_adds_noise() -> None:
     model = nn.Linear(400, 100)
     before = plain_state_dict(model)
-    gsm, opt = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
-                            noise_multiplier=2.0, max_grad_norm=1.0, expected_batch_size=10,
-                            generator=torch.Generator().manual_seed(2))
+    gsm, opt = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=2.0,
+        max_grad_norm=1.0,
+        expected_batch_size=10,
+        generator=torch.Generator().manual_seed(2),
+    )
     assert dp_step(gsm, opt, None, None, per_example_loss_fn(None)) is None
     after = plain_state_dict(model)
     moved = torch.cat([(before[k] - after[k]).reshape(-1) for k in before]).double()
@@ -187,8 +219,7 @@ def test_train_dp_returns_plain_keys_and_the_mechanism_it_ran() -> None:
     global_state = initial_state(TINY, 0)
     mech = round_mechanism(64, 16, 2, 1.0)
     cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=0.05, momentum=0.0, augment=True)
-    result = train_dp(TINY, global_state, images, labels, cfg, mech, max_grad_norm=1.0,
-                      threads=1)
+    result = train_dp(TINY, global_state, images, labels, cfg, mech, max_grad_norm=1.0, threads=1)
     assert list(result.state) == list(global_state)
     assert not any(k.startswith("_module.") for k in result.state)
     for k, v in result.state.items():
@@ -207,8 +238,9 @@ def test_noise_comes_from_os_entropy_unless_a_test_seed_is_given() -> None:
     cfg = TrainConfig(epochs=1, batch_size=10, momentum=0.0, augment=False)
 
     def run(seed: int | None) -> torch.Tensor:
-        r = train_dp(TINY, g, images, labels, cfg, mech, max_grad_norm=1.0, noise_seed=seed,
-                     threads=1)
+        r = train_dp(
+            TINY, g, images, labels, cfg, mech, max_grad_norm=1.0, noise_seed=seed, threads=1
+        )
         return r.state["classifier.weight"]
 
     assert torch.equal(run(123), run(123))
@@ -221,10 +253,10 @@ def test_fedprox_term_is_applied_after_the_noise() -> None:
     mech = MechanismStep(1.0, 0.25, 6)
 
     def delta_norm(mu: float) -> float:
-        cfg = TrainConfig(epochs=1, batch_size=12, learning_rate=0.1, momentum=0.0,
-                          augment=False, fedprox_mu=mu)
-        r = train_dp(TINY, g, images, labels, cfg, mech, max_grad_norm=1.0, noise_seed=9,
-                     threads=1)
+        cfg = TrainConfig(
+            epochs=1, batch_size=12, learning_rate=0.1, momentum=0.0, augment=False, fedprox_mu=mu
+        )
+        r = train_dp(TINY, g, images, labels, cfg, mech, max_grad_norm=1.0, noise_seed=9, threads=1)
         return float(torch.cat([(r.state[k] - g[k]).reshape(-1) for k in g]).norm())
 
     # Same data, sampling and noise: only the pull towards the global weights differs.
@@ -234,11 +266,26 @@ def test_fedprox_term_is_applied_after_the_noise() -> None:
 def test_mechanism_planned_for_another_dataset_is_refused() -> None:
     images, labels = _data(30)
     with pytest.raises(MechanismMismatchError, match="fewer than one example"):
-        train_dp(TINY, initial_state(TINY, 0), images, labels, TrainConfig(),
-                 MechanismStep(1.0, 0.01, 3), max_grad_norm=1.0)
+        train_dp(
+            TINY,
+            initial_state(TINY, 0),
+            images,
+            labels,
+            TrainConfig(),
+            MechanismStep(1.0, 0.01, 3),
+            max_grad_norm=1.0,
+        )
     with pytest.raises(ValueError, match="class_weight"):
-        train_dp(TINY, initial_state(TINY, 0), images, labels, TrainConfig(),
-                 MechanismStep(1.0, 0.5, 3), max_grad_norm=1.0, class_weight=[1.0, 2.0])
+        train_dp(
+            TINY,
+            initial_state(TINY, 0),
+            images,
+            labels,
+            TrainConfig(),
+            MechanismStep(1.0, 0.5, 3),
+            max_grad_norm=1.0,
+            class_weight=[1.0, 2.0],
+        )
 
 
 def test_dp_vs_plain_throughput_is_measured(capsys: pytest.CaptureFixture[str]) -> None:
@@ -248,12 +295,22 @@ def test_dp_vs_plain_throughput_is_measured(capsys: pytest.CaptureFixture[str]) 
     g = initial_state(model_cfg, 0)
     cfg = TrainConfig(epochs=1, batch_size=32, augment=True)
     plain = train_local(model_cfg, g, images, labels, cfg, threads=2)
-    dp = train_dp(model_cfg, g, images, labels, cfg, round_mechanism(128, 32, 1, 1.0),
-                  max_grad_norm=1.0, threads=2)
+    dp = train_dp(
+        model_cfg,
+        g,
+        images,
+        labels,
+        cfg,
+        round_mechanism(128, 32, 1, 1.0),
+        max_grad_norm=1.0,
+        threads=2,
+    )
     ratio = dp.examples_per_second / plain.examples_per_second
     with capsys.disabled():
-        print(f"\nDP-SGD vs plain throughput: {dp.examples_per_second:.0f} vs "
-              f"{plain.examples_per_second:.0f} examples/s (ratio {ratio:.2f})")
+        print(
+            f"\nDP-SGD vs plain throughput: {dp.examples_per_second:.0f} vs "
+            f"{plain.examples_per_second:.0f} examples/s (ratio {ratio:.2f})"
+        )
     assert ratio > 0
 
 

@@ -79,8 +79,9 @@ def test_head_on_cached_features_equals_the_whole_model_on_images():
         whole = torch.softmax(model(to_input(images)), 1).numpy()
     cache = FeatureCache()
     np.testing.assert_allclose(predict_proba(SCATTER, state, images), whole, atol=1e-6)
-    np.testing.assert_allclose(predict_proba(SCATTER, state, images, features=cache), whole,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        predict_proba(SCATTER, state, images, features=cache), whole, atol=1e-6
+    )
     assert cache.computed == 6
     predict_proba(SCATTER, state, images, features=cache)
     assert cache.computed == 6  # the second evaluation computed nothing
@@ -90,8 +91,9 @@ def test_cache_is_keyed_by_pixels_not_by_position():
     images = _images(5)
     cache = FeatureCache()
     first = cache.features(SCATTER, images)
-    np.testing.assert_array_equal(first, compute_features(frontend_of(build_model(SCATTER)),
-                                                          images))
+    np.testing.assert_array_equal(
+        first, compute_features(frontend_of(build_model(SCATTER)), images)
+    )
     # Reordered and renamed images are the same pixels: nothing is recomputed.
     again = cache.features(SCATTER, images[::-1])
     np.testing.assert_array_equal(again, first[::-1])
@@ -149,8 +151,14 @@ def test_scatternet_learns_textures_and_reuses_features_across_rounds():
     xt, yt = _textures(80, seed=1)
     cache = FeatureCache()
     state = initial_state(SCATTER, 0)
-    cfg = TrainConfig(epochs=4, optimizer="adam", learning_rate=0.01, batch_size=16, seed=3,
-                      class_weighting="none")
+    cfg = TrainConfig(
+        epochs=4,
+        optimizer="adam",
+        learning_rate=0.01,
+        batch_size=16,
+        seed=3,
+        class_weighting="none",
+    )
     before = compute_metrics(yt, predict_proba(SCATTER, state, xt)).accuracy
     result = train_local(SCATTER, state, x, y, cfg, features=cache)
     after = compute_metrics(yt, predict_proba(SCATTER, result.state, xt)).accuracy
@@ -170,16 +178,33 @@ def test_dp_sgd_on_scatternet_runs_the_planned_mechanism_on_the_head():
     state = initial_state(SCATTER, 0)
     mech = round_mechanism(96, 16, 2, 1.0)
     cache = FeatureCache()
-    result = train_dp(SCATTER, state, x, y, TrainConfig(optimizer="adam", learning_rate=0.01),
-                      mech, max_grad_norm=1.0, noise_seed=5, features=cache)
+    result = train_dp(
+        SCATTER,
+        state,
+        x,
+        y,
+        TrainConfig(optimizer="adam", learning_rate=0.01),
+        mech,
+        max_grad_norm=1.0,
+        noise_seed=5,
+        features=cache,
+    )
     assert result.mechanism == mech and cache.computed == 96
     assert set(result.state) == set(state)
     delta = compute_delta(result.state, state)
     assert all(torch.isfinite(d).all() for d in delta.values())
     assert any(d.abs().max() > 0 for d in delta.values())
     # Same noise seed, same result: the features feed DP-SGD exactly as images would.
-    again = train_dp(SCATTER, state, x, y, TrainConfig(optimizer="adam", learning_rate=0.01),
-                     mech, max_grad_norm=1.0, noise_seed=5)
+    again = train_dp(
+        SCATTER,
+        state,
+        x,
+        y,
+        TrainConfig(optimizer="adam", learning_rate=0.01),
+        mech,
+        max_grad_norm=1.0,
+        noise_seed=5,
+    )
     for k in state:
         torch.testing.assert_close(again.state[k], result.state[k])
 

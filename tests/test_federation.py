@@ -63,7 +63,10 @@ def test_a_vanished_agent_is_dropped_and_the_round_completes_with_the_rest(feder
 
     cfg = federation.aggregator_config(
         rounds=RoundsSection(
-            min_clinics=2, start_when_connected=3, train_deadline_s=8.0, max_rounds=1,
+            min_clinics=2,
+            start_when_connected=3,
+            train_deadline_s=8.0,
+            max_rounds=1,
             secagg_stage_deadline_s=8.0,
         )
     )
@@ -89,8 +92,12 @@ def test_round_below_the_minimum_aborts_and_the_next_starts_from_the_last_publis
 
     cfg = federation.aggregator_config(
         rounds=RoundsSection(
-            aggregation="plain", min_clinics=3, start_when_connected=3, train_deadline_s=4.0,
-            connected_timeout_s=2.0, retry_after_abort_s=1.0,
+            aggregation="plain",
+            min_clinics=3,
+            start_when_connected=3,
+            train_deadline_s=4.0,
+            connected_timeout_s=2.0,
+            retry_after_abort_s=1.0,
         )
     )
     service = federation.start_aggregator(cfg)
@@ -376,9 +383,14 @@ def test_certificates_rotate_without_dropping_the_federation(federation):
     from aggregator.config import RoundsSection
     from common import pki as pki_ops
 
-    cfg = federation.aggregator_config(rounds=RoundsSection(
-        min_clinics=2, start_when_connected=3, train_deadline_s=60.0,
-        secagg_stage_deadline_s=15.0))
+    cfg = federation.aggregator_config(
+        rounds=RoundsSection(
+            min_clinics=2,
+            start_when_connected=3,
+            train_deadline_s=60.0,
+            secagg_stage_deadline_s=15.0,
+        )
+    )
     service = federation.start_aggregator(cfg)
     for name in CLINICS:
         federation.start_agent(name)
@@ -391,8 +403,12 @@ def test_certificates_rotate_without_dropping_the_federation(federation):
     federation.wait_rounds(done + 2, timeout=180)
     last = next(r for r in service.ledger.rounds(limit=5) if r.outcome is not None)
     assert last.outcome == "published" and "clinic-a" in last.contributors
-    rejected = service.registry.get_sample_value(
-        "dermafed_rejected_requests_total", {"method": "Poll", "code": "UNAUTHENTICATED"}) or 0
+    rejected = (
+        service.registry.get_sample_value(
+            "dermafed_rejected_requests_total", {"method": "Poll", "code": "UNAUTHENTICATED"}
+        )
+        or 0
+    )
     # At most a poll or two raced the rotation; the agent reconnected with the new files.
     assert rejected <= 3
 
@@ -406,7 +422,6 @@ def test_health_reports_serving_and_reflection_is_opt_in(federation):
         ProtoReflectionDescriptorDatabase,
     )
 
-
     def channel():
         pair = federation.pki.clinics["clinic-a"]
         creds = channel_credentials(federation.pki.ca_cert, pair.cert, pair.key)
@@ -415,7 +430,8 @@ def test_health_reports_serving_and_reflection_is_opt_in(federation):
     service = federation.start_aggregator()
     ch = channel()
     status = health_pb2_grpc.HealthStub(ch).Check(
-        health_pb2.HealthCheckRequest(service="dermafed.v1.Federation"), timeout=5)
+        health_pb2.HealthCheckRequest(service="dermafed.v1.Federation"), timeout=5
+    )
     assert status.status == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.RpcError) as err:
         list(ProtoReflectionDescriptorDatabase(ch).get_services())
@@ -425,9 +441,13 @@ def test_health_reports_serving_and_reflection_is_opt_in(federation):
     federation.service = None
 
     cfg = federation.aggregator_config()
-    federation.start_aggregator(dc_replace(
-        cfg, server=dc_replace(cfg.server, reflection=True),
-        storage=dc_replace(cfg.storage, state_dir=federation.tmp / "second-state")))
+    federation.start_aggregator(
+        dc_replace(
+            cfg,
+            server=dc_replace(cfg.server, reflection=True),
+            storage=dc_replace(cfg.storage, state_dir=federation.tmp / "second-state"),
+        )
+    )
     ch = channel()
     services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
     assert {"dermafed.v1.Federation", "dermafed.v1.Admin", "grpc.health.v1.Health"} <= services

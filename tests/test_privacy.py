@@ -36,8 +36,9 @@ class Spent:
 
 
 def _spent(decision_step: MechanismStep, delta: float) -> Spent:
-    return Spent(decision_step.noise_multiplier, decision_step.sample_rate,
-                 decision_step.steps, delta)
+    return Spent(
+        decision_step.noise_multiplier, decision_step.sample_rate, decision_step.steps, delta
+    )
 
 
 # -- known answers ----------------------------------------------------------------------
@@ -57,12 +58,16 @@ def test_prv_matches_opacus_published_value_and_is_tighter_than_rdp() -> None:
 
 
 def test_heterogeneous_history_equals_direct_rdp_computation() -> None:
-    history = [MechanismStep(1.0, 0.01, 300), MechanismStep(2.0, 0.05, 120),
-               MechanismStep(1.0, 0.01, 200)]
+    history = [
+        MechanismStep(1.0, 0.01, 300),
+        MechanismStep(2.0, 0.05, 120),
+        MechanismStep(1.0, 0.01, 200),
+    ]
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
     rdp = sum(
-        rdp_analysis.compute_rdp(q=s.sample_rate, noise_multiplier=s.noise_multiplier,
-                                 steps=s.steps, orders=orders)
+        rdp_analysis.compute_rdp(
+            q=s.sample_rate, noise_multiplier=s.noise_multiplier, steps=s.steps, orders=orders
+        )
         for s in history
     )
     expected, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
@@ -102,9 +107,19 @@ def test_mechanism_and_delta_arguments_are_checked() -> None:
         epsilon_for([MechanismStep(1.0, 0.1, 1)], 1e-5, "gdp")
 
 
-@pytest.mark.parametrize(("n", "delta"), [(1, 0.1), (9, 0.01), (10, 0.01), (11, 0.001),
-                                          (1000, 1e-4), (1001, 1e-5), (1500, 1e-5),
-                                          (8499, 1e-5)])
+@pytest.mark.parametrize(
+    ("n", "delta"),
+    [
+        (1, 0.1),
+        (9, 0.01),
+        (10, 0.01),
+        (11, 0.001),
+        (1000, 1e-4),
+        (1001, 1e-5),
+        (1500, 1e-5),
+        (8499, 1e-5),
+    ],
+)
 def test_default_delta_is_a_power_of_ten_below_one_over_ten_n(n: int, delta: float) -> None:
     got = default_delta(n)
     assert got == pytest.approx(delta, rel=1e-12)

@@ -21,8 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _entry(number: int, sigma: float = 1.1, q: float = 0.05, steps: int = 40) -> LedgerEntry:
     return LedgerEntry(
-        round=number, round_id=f"r-{number:04d}", federation="derm-eu", noise_multiplier=sigma,
-        sample_rate=q, steps=steps, delta=1e-5, epsilon_after=0.5 * (number + 1),
+        round=number,
+        round_id=f"r-{number:04d}",
+        federation="derm-eu",
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps,
+        delta=1e-5,
+        epsilon_after=0.5 * (number + 1),
     )
 
 
@@ -169,14 +175,39 @@ def test_budget_is_enforced_across_restarts(path: Path) -> None:
 
 def test_invalid_entries_are_refused() -> None:
     with pytest.raises(ValueError, match="noise_multiplier"):
-        LedgerEntry(round=0, round_id="r", federation="f", noise_multiplier=0.0,
-                    sample_rate=0.1, steps=1, delta=1e-5, epsilon_after=0.1)
+        LedgerEntry(
+            round=0,
+            round_id="r",
+            federation="f",
+            noise_multiplier=0.0,
+            sample_rate=0.1,
+            steps=1,
+            delta=1e-5,
+            epsilon_after=0.1,
+        )
     with pytest.raises(ValueError, match="delta"):
-        LedgerEntry(round=0, round_id="r", federation="f", noise_multiplier=1.0,
-                    sample_rate=0.1, steps=1, delta=0.0, epsilon_after=0.1)
+        LedgerEntry(
+            round=0,
+            round_id="r",
+            federation="f",
+            noise_multiplier=1.0,
+            sample_rate=0.1,
+            steps=1,
+            delta=0.0,
+            epsilon_after=0.1,
+        )
     with pytest.raises(ValueError, match="status"):
-        LedgerEntry(round=0, round_id="r", federation="f", noise_multiplier=1.0,
-                    sample_rate=0.1, steps=1, delta=1e-5, epsilon_after=0.1, status="pending")
+        LedgerEntry(
+            round=0,
+            round_id="r",
+            federation="f",
+            noise_multiplier=1.0,
+            sample_rate=0.1,
+            steps=1,
+            delta=1e-5,
+            epsilon_after=0.1,
+            status="pending",
+        )
 
 
 # -- crash safety -----------------------------------------------------------------------
@@ -199,8 +230,13 @@ _CHILD = textwrap.dedent(
 
 def _spawn(path: Path, start: int, count: int) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(start), str(count)],
-                            stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path), str(start), str(count)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def test_sigkill_after_commit_keeps_the_entry(path: Path) -> None:

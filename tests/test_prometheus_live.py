@@ -93,8 +93,9 @@ class Prometheus:
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
-            raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n"
-                                 f"{self.log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"prometheus exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+            )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -130,9 +131,16 @@ def start_prometheus(tmp: Path, config: Path) -> Prometheus:
         port = free_port()
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                stdout=out, stderr=subprocess.STDOUT)
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         prom = Prometheus(proc, port, log)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
@@ -148,20 +156,25 @@ def start_prometheus(tmp: Path, config: Path) -> Prometheus:
 
 
 @pytest.fixture
-def scraped_federation(federation: Federation, tmp_path: Path
-                       ) -> Iterator[tuple[Federation, Prometheus]]:
+def scraped_federation(
+    federation: Federation, tmp_path: Path
+) -> Iterator[tuple[Federation, Prometheus]]:
     base = federation.aggregator_config()
     # Rounds start only once Prometheus has seen the idle federation, so the test can
     # tell that the counters advanced under its eyes.
-    service = federation.start_aggregator(federation.aggregator_config(
-        metrics=MetricsSection(listen="127.0.0.1:0"),
-        rounds=replace(base.rounds, max_rounds=2)), start_rounds=False)
+    service = federation.start_aggregator(
+        federation.aggregator_config(
+            metrics=MetricsSection(listen="127.0.0.1:0"), rounds=replace(base.rounds, max_rounds=2)
+        ),
+        start_rounds=False,
+    )
     assert service.metrics_port is not None
     agents = [federation.start_agent(name) for name in CLINICS]
-    http_servers = [start_http_server(0, addr="127.0.0.1", registry=a.registry)[0]
-                    for a in agents]
-    prom = start_prometheus(tmp_path, adapted_config(
-        tmp_path, service.metrics_port, [int(s.server_port) for s in http_servers]))
+    http_servers = [start_http_server(0, addr="127.0.0.1", registry=a.registry)[0] for a in agents]
+    prom = start_prometheus(
+        tmp_path,
+        adapted_config(tmp_path, service.metrics_port, [int(s.server_port) for s in http_servers]),
+    )
     try:
         prom.wait_for('dermafed_rounds_total{outcome="published"}', lambda v: v == 0)
         prom.wait_for('sum(up{job=~"dermafed-.*"})', lambda v: v == 1 + len(CLINICS))
@@ -185,8 +198,9 @@ def test_prometheus_scrapes_a_real_federation_with_the_shipped_config(scraped_fe
     check_dashboard_queries_run(prom)
 
 
-def check_rounds_stage_timings_and_agents(prom: Prometheus,
-                                          ledger_stages: list[dict[str, float]]) -> None:
+def check_rounds_stage_timings_and_agents(
+    prom: Prometheus, ledger_stages: list[dict[str, float]]
+) -> None:
     published = 'dermafed_rounds_total{job="dermafed-aggregator", outcome="published"}'
     prom.wait_for(published, lambda v: v >= 2)
     # It advanced while Prometheus watched: the first scrapes saw none published.
@@ -194,27 +208,35 @@ def check_rounds_stage_timings_and_agents(prom: Prometheus,
 
     # Per-stage series are born with their first observation, so rate()/increase() see
     # them from the second sample on: wait for two scrapes of each.
-    prom.wait_for('min(count_over_time(dermafed_round_stage_duration_seconds_bucket'
-                  '{job="dermafed-aggregator", le="+Inf"}[10m]))', lambda v: v >= 2)
+    prom.wait_for(
+        "min(count_over_time(dermafed_round_stage_duration_seconds_bucket"
+        '{job="dermafed-aggregator", le="+Inf"}[10m]))',
+        lambda v: v >= 2,
+    )
     # Prometheus's stage timings agree with the ledger's record of the same rounds (the
     # ledger may hold more, e.g. clinic-reported training time, which is no stage).
-    in_ledger = {stage: sum(stage in rec for rec in ledger_stages)
-                 for rec in ledger_stages for stage in rec}
-    counts = prom.query('max_over_time(dermafed_round_stage_duration_seconds_count'
-                        '{job="dermafed-aggregator"}[10m])')
+    in_ledger = {
+        stage: sum(stage in rec for rec in ledger_stages) for rec in ledger_stages for stage in rec
+    }
+    counts = prom.query(
+        'max_over_time(dermafed_round_stage_duration_seconds_count{job="dermafed-aggregator"}[10m])'
+    )
     seen = {c["metric"]["stage"]: float(c["value"][1]) for c in counts}
     assert {"aggregate", "validate"} < set(seen), seen
     # Stages of the other aggregation mode exist with a count of zero (label children are
     # created up front so increase() sees their first event).
     assert seen == {stage: in_ledger.get(stage, 0) for stage in seen}
-    p95 = prom.query('histogram_quantile(0.95, sum by (le, stage) (increase('
-                     'dermafed_round_stage_duration_seconds_bucket[10m])))')
+    p95 = prom.query(
+        "histogram_quantile(0.95, sum by (le, stage) (increase("
+        "dermafed_round_stage_duration_seconds_bucket[10m])))"
+    )
     assert {q["metric"]["stage"] for q in p95} >= {s for s, n in seen.items() if n}
 
     prom.wait_for('count(dermafed_validation_score{job="dermafed-aggregator"})', lambda v: v >= 1)
     contributed = prom.wait_for(
         'sum(dermafed_agent_rounds_total{job="dermafed-agent", result="contributed"})',
-        lambda v: v >= 2 * len(CLINICS) - 1)
+        lambda v: v >= 2 * len(CLINICS) - 1,
+    )
     assert contributed <= 2 * len(CLINICS)
     targets = prom.api("targets")["activeTargets"]
     assert {t["labels"]["job"] for t in targets} == {"dermafed-aggregator", "dermafed-agent"}
@@ -222,14 +244,16 @@ def check_rounds_stage_timings_and_agents(prom: Prometheus,
 
 
 def check_shipped_rules_evaluate_cleanly(prom: Prometheus) -> None:
-    expected = sum(len(g["rules"]) for g in
-                   yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"])
+    expected = sum(
+        len(g["rules"]) for g in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"]
+    )
     deadline = time.monotonic() + 30
     while True:
         rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
         # Go's zero time marks a rule not evaluated yet.
         if len(rules) == expected and all(
-                not r.get("lastEvaluation", "0001").startswith("0001") for r in rules):
+            not r.get("lastEvaluation", "0001").startswith("0001") for r in rules
+        ):
             break
         assert time.monotonic() < deadline, f"rules not loaded/evaluated: {rules}"
         time.sleep(0.5)
@@ -250,9 +274,16 @@ def check_dashboard_queries_run(prom: Prometheus) -> None:
             expr = re.sub(r"\$\{?\w+\}?", ".+", expr)
             if not prom.query(expr):
                 empty.append(panel["title"])
-    for title in ("Rounds finished by outcome", "Stage duration p95 by stage",
-                  "Round duration", "Cohort, contributors and connected clinics",
-                  "Held-out scores", "Per-class sensitivity (mel, bcc, akiec gate the publication)",
-                  "Epsilon spent and remaining, from each agent", "Connected to the aggregator",
-                  "Agent rounds by result", "Agents"):
+    for title in (
+        "Rounds finished by outcome",
+        "Stage duration p95 by stage",
+        "Round duration",
+        "Cohort, contributors and connected clinics",
+        "Held-out scores",
+        "Per-class sensitivity (mel, bcc, akiec gate the publication)",
+        "Epsilon spent and remaining, from each agent",
+        "Connected to the aggregator",
+        "Agent rounds by result",
+        "Agents",
+    ):
         assert title not in empty, f"panel {title!r} shows no data on a live federation"

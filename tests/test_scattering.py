@@ -64,8 +64,9 @@ def test_circular_shift_by_the_subsampling_step_shifts_the_output_exactly():
     x = _pattern()
     s = Scattering2D(32)(x)
     shifted = Scattering2D(32)(torch.roll(x, shifts=(4, -8), dims=(2, 3)))
-    torch.testing.assert_close(shifted, torch.roll(s, shifts=(1, -2), dims=(2, 3)),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        shifted, torch.roll(s, shifts=(1, -2), dims=(2, 3)), rtol=0, atol=1e-4
+    )
 
 
 def _orientation_permutation() -> list[int]:
@@ -141,8 +142,9 @@ def _direct_transform(x: torch.Tensor) -> torch.Tensor:
 def test_matches_the_full_resolution_transform(size):
     # Maps computed at full resolution agree exactly; those computed at half resolution
     # (scale-1 wavelets, order 2) differ only by the aliasing of |·|, about 1 % measured.
-    x = torch.cat([_pattern(size), torch.rand((2, 3, size, size),
-                                              generator=torch.Generator().manual_seed(0))])
+    x = torch.cat(
+        [_pattern(size), torch.rand((2, 3, size, size), generator=torch.Generator().manual_seed(0))]
+    )
     fast = Scattering2D(size)(x).reshape(3, 3, MAPS_PER_CHANNEL, -1)
     slow = _direct_transform(x).reshape(3, 3, MAPS_PER_CHANNEL, -1)
     exact, half_res = slice(0, 1 + L), slice(1 + L, MAPS_PER_CHANNEL)

@@ -22,9 +22,15 @@ STAGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")
 def _secure_config(fed: Federation, **rounds):
     # Short deadlines: a vanished clinic is only noticed when its stage's deadline passes.
     return fed.aggregator_config(
-        rounds=RoundsSection(aggregation="secure", min_clinics=2, start_when_connected=3,
-                             max_rounds=1, train_deadline_s=20.0, secagg_stage_deadline_s=6.0,
-                             **rounds),
+        rounds=RoundsSection(
+            aggregation="secure",
+            min_clinics=2,
+            start_when_connected=3,
+            max_rounds=1,
+            train_deadline_s=20.0,
+            secagg_stage_deadline_s=6.0,
+            **rounds,
+        ),
         plan=PlanSection(local_epochs=1, batch_size=8, delta_clip_norm=5.0),
     )
 
@@ -63,8 +69,9 @@ def test_a_clinic_vanishing_at_any_stage_is_survivable(federation: Federation, s
         assert set(rec.contributors) == set(CLINICS)
     else:
         assert set(rec.contributors) == survivors
-    assert service.registry.get_sample_value("dermafed_clinic_dropouts_total",
-                                             {"stage": stage}) == 1
+    assert (
+        service.registry.get_sample_value("dermafed_clinic_dropouts_total", {"stage": stage}) == 1
+    )
     assert rec.checkpoint != rec.parent
 
 
@@ -87,11 +94,12 @@ def _windows(values: np.ndarray, width: int = 8) -> list[bytes]:
     """A few byte patterns of ``values`` long enough never to occur by chance."""
     raw = np.ascontiguousarray(values).tobytes()
     step = len(raw) // 5
-    return [raw[i: i + width * values.itemsize] for i in range(0, len(raw) - 64, step)][:4]
+    return [raw[i : i + width * values.itemsize] for i in range(0, len(raw) - 64, step)][:4]
 
 
 def test_no_individual_delta_appears_in_logs_ledger_checkpoints_or_metrics(
-        federation: Federation, caplog):
+    federation: Federation, caplog
+):
     caplog.set_level(logging.DEBUG)
     service = federation.start_aggregator(_secure_config(federation))
     numel = sum(s.numel for s in service.coordinator.specs)
@@ -108,8 +116,9 @@ def test_no_individual_delta_appears_in_logs_ledger_checkpoints_or_metrics(
 
     def planted(plan, prepared):
         update = real_train(plan, prepared)
-        return TrainedUpdate(marker.copy(), update.num_examples, update.mean_loss,
-                             update.train_seconds)
+        return TrainedUpdate(
+            marker.copy(), update.num_examples, update.mean_loss, update.train_seconds
+        )
 
     agent.train = planted  # type: ignore[method-assign]
     # Capture clinic-a's exact unmasked ring encoding (only to search for it afterwards).
@@ -132,8 +141,7 @@ def test_no_individual_delta_appears_in_logs_ledger_checkpoints_or_metrics(
     assert len(captured) == 1
     patterns = _windows(marker) + _windows(captured[0][:numel].astype("<u4"))
 
-    haystacks = {"logs": caplog.text.encode(),
-                 "metrics": generate_latest(service.registry)}
+    haystacks = {"logs": caplog.text.encode(), "metrics": generate_latest(service.registry)}
     state_dir = federation.tmp / "aggregator-state"
     for path in state_dir.rglob("*"):
         if path.is_file():

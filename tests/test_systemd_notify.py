@@ -191,8 +191,13 @@ def _daemon_env(listener: NotifyListener) -> dict[str, str]:
 
 def _run_daemon(args: list[str], listener: NotifyListener, log: Path) -> None:
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dermafed.cli", *args], cwd=REPO,
-                                env=_daemon_env(listener), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dermafed.cli", *args],
+            cwd=REPO,
+            env=_daemon_env(listener),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             try:
                 listener.receive_until("READY=1", timeout=120)
@@ -208,36 +213,44 @@ def _run_daemon(args: list[str], listener: NotifyListener, log: Path) -> None:
                 proc.wait()
 
 
-def test_aggregator_daemon_notifies_ready_watchdog_and_stopping(tmp_path: Path,
-                                                              listener: NotifyListener):
+def test_aggregator_daemon_notifies_ready_watchdog_and_stopping(
+    tmp_path: Path, listener: NotifyListener
+):
     pki = make_federation(tmp_path / "pki")
     config = tmp_path / "aggregator.toml"
-    write_toml(config, {
-        "federation": pki.federation,
-        "server": {"listen": "127.0.0.1:0"},
-        "tls": {"ca_cert": pki.ca_cert, "cert": pki.aggregator.cert,
-                "key": pki.aggregator.key},
-        "storage": {"state_dir": tmp_path / "state"},
-        "model": {"input_size": 32, "width": 8},
-    })
-    _run_daemon(["aggregator", "serve", "--config", str(config)], listener,
-                tmp_path / "aggregator.log")
+    write_toml(
+        config,
+        {
+            "federation": pki.federation,
+            "server": {"listen": "127.0.0.1:0"},
+            "tls": {"ca_cert": pki.ca_cert, "cert": pki.aggregator.cert, "key": pki.aggregator.key},
+            "storage": {"state_dir": tmp_path / "state"},
+            "model": {"input_size": 32, "width": 8},
+        },
+    )
+    _run_daemon(
+        ["aggregator", "serve", "--config", str(config)], listener, tmp_path / "aggregator.log"
+    )
 
 
 def test_agent_daemon_notifies_ready_even_before_the_aggregator_answers(
-        tmp_path: Path, listener: NotifyListener):
+    tmp_path: Path, listener: NotifyListener
+):
     pki = make_federation(tmp_path / "pki")
     clinic = pki.clinics["clinic-a"]
     data = tmp_path / "data"
     data.mkdir()
     # Port 1 on loopback: nothing listens, so the agent keeps retrying with backoff.
     config = tmp_path / "agent.toml"
-    write_toml(config, {
-        "federation": pki.federation,
-        "aggregator": {"address": "127.0.0.1:1"},
-        "tls": {"ca_cert": pki.ca_cert, "cert": clinic.cert, "key": clinic.key},
-        "data": {"path": data},
-        "storage": {"state_dir": tmp_path / "agent-state"},
-        "network": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5},
-    })
+    write_toml(
+        config,
+        {
+            "federation": pki.federation,
+            "aggregator": {"address": "127.0.0.1:1"},
+            "tls": {"ca_cert": pki.ca_cert, "cert": clinic.cert, "key": clinic.key},
+            "data": {"path": data},
+            "storage": {"state_dir": tmp_path / "agent-state"},
+            "network": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5},
+        },
+    )
     _run_daemon(["agent", "run", "--config", str(config)], listener, tmp_path / "agent.log")
