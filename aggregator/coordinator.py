@@ -47,7 +47,7 @@ from aggregator.round_modes import (
     UploadHeader,
     UploadSink,
 )
-from aggregator.rounds import Phase, Round, select_cohort, should_start_round
+from aggregator.rounds import Phase, Round, next_round_due, select_cohort, should_start_round
 from aggregator.schedule import round_learning_rate
 from aggregator.secagg_server import SecAggAbortedError, SecAggServer
 from aggregator.validation import HoldoutEvaluator
@@ -170,6 +170,13 @@ class Coordinator:
         self._published = (cid, int(round_no or 0))
         self._rounds_finished = sum(1 for r in self.ledger.rounds(limit=1_000_000) if r.outcome)
         last = self.ledger.rounds(limit=1)
+        # The schedule resumes from the ledger, not from the restart: otherwise every
+        # restart (an upgrade, a config change, a Restart=on-failure loop) would start a
+        # round at once and charge every clinic's privacy budget for it. A round the
+        # restart interrupted was just recorded as aborted, so retry_after_abort_s applies.
+        if last and last[0].finished_at is not None:
+            self._last_finished_at = last[0].finished_at
+            self._last_outcome = last[0].outcome or ""
         self.metrics.round_number.set(last[0].number if last else 0)
         self.metrics.published_round.set(self._published[1])
         pubs = self.ledger.publications()
@@ -595,6 +602,7 @@ class Coordinator:
             current = self._running_view_locked()
             connected = tuple(self._connected_locked(self._clock()))
             published = self._published
+            next_round_at = self._next_round_at_locked()
         recent = [r for r in self.ledger.rounds(limit=5) if r.outcome]
         last = view_of_record(recent[0]) if recent else None
         return StatusView(
@@ -606,6 +614,7 @@ class Coordinator:
             connected=connected,
             rounds_completed=self._rounds_finished,
             max_rounds=self.config.rounds.max_rounds,
+            next_round_at=next_round_at,
         )
 
     def _running_view_locked(self) -> RoundView | None:
@@ -696,6 +705,20 @@ class Coordinator:
             return running
         return None
 
+    def _interval_locked(self) -> float:
+        """Seconds the next round waits after the last one finished (longer after an abort)."""
+        rc = self.config.rounds
+        if self._last_outcome == "aborted":
+            return max(rc.interval_s, rc.retry_after_abort_s)
+        return rc.interval_s
+
+    def _next_round_at_locked(self) -> float | None:
+        """When the schedule lets the next round start; None while one runs or none will."""
+        rc = self.config.rounds
+        if self._running is not None or (rc.max_rounds and self._rounds_finished >= rc.max_rounds):
+            return None
+        return next_round_due(self._last_finished_at, self._interval_locked())
+
     def _maybe_start_locked(self, now: float) -> None:
         rc = self.config.rounds
         connected = self._connected_locked(now)
@@ -708,9 +731,7 @@ class Coordinator:
             rounds_finished=self._rounds_finished,
             max_rounds=rc.max_rounds,
             last_finished_at=self._last_finished_at,
-            interval_s=max(rc.interval_s, rc.retry_after_abort_s)
-            if self._last_outcome == "aborted"
-            else rc.interval_s,
+            interval_s=self._interval_locked(),
             requested=self._round_requested,
         ):
             return

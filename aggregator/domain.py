@@ -172,6 +172,9 @@ class StatusView:
     connected: tuple[str, ...]
     rounds_completed: int
     max_rounds: int
+    # Earliest start the interval allows (Unix seconds); None while a round runs, once
+    # max_rounds is reached, or when the next round may start as soon as clinics connect.
+    next_round_at: float | None = None
 
 
 def view_of_record(rec: RoundRecord) -> RoundView:

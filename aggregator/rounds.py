@@ -233,4 +233,12 @@ def should_start_round(
         return False
     if requested:
         return True
-    return last_finished_at is None or now - last_finished_at >= interval_s
+    due = next_round_due(last_finished_at, interval_s)
+    return due is None or now >= due
+
+
+def next_round_due(last_finished_at: float | None, interval_s: float) -> float | None:
+    """The earliest time the interval rule lets the next round start (None: at once)."""
+    if last_finished_at is None:
+        return None
+    return last_finished_at + interval_s

@@ -18,7 +18,7 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from aggregator.checkpoints import CheckpointStore
 from aggregator.config import AggregatorConfig
@@ -29,7 +29,9 @@ from aggregator.servicers import AdminServicer, FederationServicer
 from aggregator.validation import HoldoutEvaluator
 from common import systemd
 from common.config import parse_hostport
+from common.fsutil import StateDirLock
 from common.identity import PeerAuthenticator, RevocationList
+from common.listen import EXCLUSIVE_PORT, bind_grpc, start_metrics_server
 from common.pki import certificate_expiry_reader, load_certificate
 from common.tls import SERVER_GRPC_OPTIONS, merge_options, server_credentials
 from dermafed.v1 import admin_pb2_grpc, federation_pb2_grpc
@@ -54,6 +56,8 @@ class AggregatorService:
     health_server: grpc.Server | None = None
     health_port: int | None = None
     metrics_server: WSGIServer | None = None
+    # Held from before the ledger opens until after it closes (see StateDirLock).
+    state_lock: StateDirLock | None = None
 
     @property
     def address(self) -> str:
@@ -74,6 +78,8 @@ class AggregatorService:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
         self.ledger.close()
+        if self.state_lock is not None:
+            self.state_lock.release()
 
 
 def build_service(
@@ -83,8 +89,23 @@ def build_service(
     start_rounds: bool = True,
 ) -> AggregatorService:
     registry = registry or CollectorRegistry()
+    # First of all: a second aggregator on this state_dir stops here, before it can touch
+    # the ledger, the checkpoints or a port.
+    state_lock = StateDirLock(config.storage.state_dir, "aggregator").acquire()
+    try:
+        return _build_service(config, registry, start_rounds, state_lock)
+    except BaseException:
+        state_lock.release()
+        raise
+
+
+def _build_service(
+    config: AggregatorConfig,
+    registry: CollectorRegistry,
+    start_rounds: bool,
+    state_lock: StateDirLock,
+) -> AggregatorService:
     metrics = AggregatorMetrics(registry)
-    config.storage.state_dir.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(config.storage.ledger_path)
     ledger.integrity_check()
     store = CheckpointStore(config.storage.checkpoint_dir)
@@ -117,6 +138,7 @@ def build_service(
         options=merge_options(
             SERVER_GRPC_OPTIONS,
             [
+                EXCLUSIVE_PORT,
                 ("grpc.max_receive_message_length", config.server.max_message_bytes),
                 ("grpc.max_send_message_length", config.server.max_message_bytes),
             ],
@@ -144,24 +166,33 @@ def build_service(
             server,
         )
     host, port = parse_hostport(config.server.listen, "server.listen")
-    bound = server.add_secure_port(
-        f"{host}:{port}", server_credentials(config.tls.ca_cert, config.tls.cert, config.tls.key)
-    )
-    if bound == 0:
-        raise OSError(f"cannot listen on {config.server.listen}")
+    credentials = server_credentials(config.tls.ca_cert, config.tls.cert, config.tls.key)
+    # Every port is bound before anything starts: a port in use stops the start-up with
+    # nothing running and the ledger closed.
+    health_server: grpc.Server | None = None
+    http_server: WSGIServer | None = None
+    try:
+        bound = bind_grpc(
+            lambda address: server.add_secure_port(address, credentials),
+            f"{host}:{port}",
+            "server.listen",
+        )
+        health_server, health_port = _start_health_server(config, health_servicer)
+        if config.metrics.listen:
+            http_server = start_metrics_server(config.metrics.listen, registry)
+    except BaseException:
+        server.stop(0)
+        if health_server is not None:
+            health_server.stop(0)
+        ledger.close()
+        raise
+    metrics_port = int(http_server.server_port) if http_server is not None else None
     server.start()
-    health_server, health_port = _start_health_server(config, health_servicer)
     if start_rounds:
         coordinator.start()
     # Only now is the ledger open and the port bound: report SERVING to probes.
     for service in ("", FEDERATION_SERVICE, ADMIN_SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    metrics_port = None
-    http_server = None
-    if config.metrics.listen:
-        mhost, mport = parse_hostport(config.metrics.listen, "metrics.listen")
-        http_server, _ = start_http_server(mport, addr=mhost, registry=registry)
-        metrics_port = int(http_server.server_port)
     if config.server.port_file:
         Path(config.server.port_file).write_text(f"{bound}\n")
     log.info("aggregator for federation %r listening on %s:%d", config.federation, host, bound)
@@ -177,6 +208,7 @@ def build_service(
         health_server,
         health_port,
         http_server,
+        state_lock,
     )
 
 
@@ -191,11 +223,12 @@ def _start_health_server(
     if not config.server.health_listen:
         return None, None
     host, port = parse_hostport(config.server.health_listen, "server.health_listen")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+        options=[EXCLUSIVE_PORT],
+    )
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {config.server.health_listen} (server.health_listen)")
+    bound = bind_grpc(server.add_insecure_port, f"{host}:{port}", "server.health_listen")
     server.start()
     return server, bound
 

@@ -469,6 +469,8 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
             rounds_completed=st.rounds_completed,
             max_rounds=st.max_rounds,
         )
+        if st.next_round_at is not None:
+            response.next_round_at = st.next_round_at
         if st.current is not None:
             response.current_round.CopyFrom(round_to_proto(st.current))
         if st.last is not None:
@@ -589,7 +591,15 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ReloadRevocationsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ReloadRevocationsResponse:
         who = self._identity(context, "ReloadRevocations", "admin")
-        self.revocations.reload()
+        error = self.revocations.reload()
         count = len(self.revocations.revoked)
+        if error is not None:
+            self.coordinator.audit(
+                who.uri, "reload_revocations_refused", {"reason": error, "revoked": count}
+            )
+            refused = PreconditionError(
+                f"the CRL was refused: {error}; the previous {count} revocation(s) stay in force"
+            )
+            self._abort(context, "ReloadRevocations", status_for(refused), str(refused))
         self.coordinator.audit(who.uri, "reload_revocations", {"revoked": count})
         return admin_pb2.ReloadRevocationsResponse(revoked=count)

@@ -35,7 +35,7 @@ from common.datasets import (
     public_logit_offsets,
 )
 from common.features import FeatureCache
-from common.fsutil import atomic_write
+from common.fsutil import StateDirLock, atomic_write
 from common.identity import identity_from_certificate
 from common.model import ModelConfig, build_model
 from common.pki import certificate_expiry_reader, load_certificate
@@ -68,13 +68,20 @@ class ClinicAgent:
         self.clinic_id = self.identity.name
         metrics.certificate_expiry.set_function(certificate_expiry_reader(config.tls.cert))
         self.state_dir = config.storage.state_dir
-        self.checkpoint_dir = self.state_dir / "checkpoints"
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self._tls_stamp = file_stamp(config.tls.ca_cert, config.tls.cert, config.tls.key)
-        self.client = self._connect()
-        self.privacy = PrivacyGuard(
-            config.privacy, config.storage.privacy_ledger, config.federation
-        )
+        # Two agents on one state_dir would charge one privacy ledger from two processes.
+        self._state_lock = StateDirLock(self.state_dir, f"agent ({self.clinic_id})").acquire()
+        try:
+            self.checkpoint_dir = self.state_dir / "checkpoints"
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            # Read first: a corrupt privacy ledger stops the agent before it connects.
+            self.privacy = PrivacyGuard(
+                config.privacy, config.storage.privacy_ledger, config.federation
+            )
+            self._tls_stamp = file_stamp(config.tls.ca_cert, config.tls.cert, config.tls.key)
+            self.client = self._connect()
+        except BaseException:
+            self._state_lock.release()
+            raise
         self._export_privacy()
         self.images = ImageCache()
         # A fixed front end's features (scatternet), kept across rounds: images rarely
@@ -133,6 +140,7 @@ class ClinicAgent:
 
     def close(self) -> None:
         self.client.close()
+        self._state_lock.release()
 
     def _connect(self) -> FederationClient:
         config = self.config

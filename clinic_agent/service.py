@@ -7,13 +7,13 @@ import signal
 import threading
 from types import FrameType
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from clinic_agent.config import ClinicConfig
 from clinic_agent.daemon import ClinicAgent
 from clinic_agent.metrics import AgentMetrics
 from common import systemd
-from common.config import parse_hostport
+from common.listen import start_metrics_server
 
 log = logging.getLogger("dermafed.agent")
 
@@ -24,8 +24,11 @@ def run_agent_forever(config: ClinicConfig) -> int:
     stop = threading.Event()
     agent = ClinicAgent(config, metrics=metrics, stop=stop)
     if config.metrics.listen:
-        host, port = parse_hostport(config.metrics.listen, "metrics.listen")
-        start_http_server(port, addr=host, registry=registry)
+        try:
+            start_metrics_server(config.metrics.listen, registry)
+        except BaseException:
+            agent.close()
+            raise
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received signal %d, stopping after the current step", signum)

@@ -49,3 +49,7 @@ class IntegrityError(DermafedError):
 
 class BusyError(DermafedError):
     """The service is at a capacity limit right now; the caller should retry later."""
+
+
+class InUseError(DermafedError):
+    """A state directory or port this process needs is held by another process."""

@@ -1,11 +1,17 @@
-"""Crash-safe file writes shared by the PKI, the checkpoint store and the privacy ledger."""
+"""Crash-safe file writes shared by the PKI, the checkpoint store and the privacy ledger,
+and the lock that gives one process a state directory."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
+
+from common.errors import InUseError
+
+LOCK_NAME = ".lock"
 
 
 def fsync_dir(directory: Path) -> None:
@@ -47,3 +53,50 @@ def atomic_write(
             os.unlink(tmp_name)
         raise
     fsync_dir(path.parent)
+
+
+class StateDirLock:
+    """One process at a time in a state directory: an exclusive ``flock`` on ``<dir>/.lock``.
+
+    Two aggregators (or agents) on one directory would write one ledger from two
+    coordinators, each believing its own round state. ``flock`` belongs to the open file,
+    so the kernel releases it when the process dies however it dies: no stale lock to
+    clean up after a SIGKILL or a power cut. The file holds the holder's PID and role, for
+    the error message of the one that is refused.
+    """
+
+    def __init__(self, directory: Path, role: str) -> None:
+        self.directory = Path(directory)
+        self.role = role
+        self.path = self.directory / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> StateDirLock:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            pid, _, role = holder.partition(" ")
+            raise InUseError(
+                f"state_dir {self.directory} is in use by another {role or 'process'} "
+                f"(pid {pid}); stop it first, or give this one its own state_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {self.role}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> StateDirLock:
+        return self.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()

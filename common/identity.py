@@ -140,13 +140,18 @@ class RevocationList:
         self._maybe_reload()
         return serial in self._revoked
 
-    def reload(self) -> None:
-        """Re-read the CRL now, whether or not the file looks changed."""
+    def reload(self) -> str | None:
+        """Re-read the CRL now, whether or not the file looks changed.
+
+        Returns why the file was refused (the previous list stays in force), or None when
+        it was loaded: an operator who asked for the reload must hear that it failed.
+        """
         with self._lock:
             self._next_check = self._monotonic() + self._check_interval
             error = self._load()
         if error is not None:
             log.error("%s; keeping the previous %d revocation(s)", error, len(self._revoked))
+        return error
 
     def _maybe_reload(self) -> None:
         if self._path is None or self._monotonic() < self._next_check:

@@ -483,12 +483,14 @@ def issue(
     ips: Sequence[str] = (),
     valid_days: int = 397,
     now: datetime | None = None,
+    replace: bool = False,
 ) -> IssuedCert:
     """Issue a leaf certificate for ``name`` acting as ``role``; write it to ``out``.
 
-    Issuing again for the same name is how certificates are rotated: the new files
-    replace the old ones atomically (a server watching them picks them up), and the old
-    certificate stays valid until it expires or is revoked.
+    Refuses when ``out`` already holds a key or certificate for ``name``: overwriting
+    would destroy a key in use and leave its certificate valid. Rotation is
+    :func:`renew`; ``replace=True`` writes the new files over the old ones atomically (a
+    server watching them picks them up) and leaves the old certificate valid.
     """
     validate_role(role)
     validate_name(name, f"{role} name")
@@ -523,7 +525,14 @@ def issue(
 
     key = ec.generate_private_key(ec.SECP256R1())
     out.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = out / f"{name}.crt", out / f"{name}.key"
     with _ca_lock(ca_dir):
+        existing = [p.name for p in (key_path, cert_path) if p.exists()]
+        if existing and not replace:
+            raise PkiError(
+                f"{out} already holds {' and '.join(existing)}; refusing to overwrite "
+                f"(rotate with 'dermafed pki renew', which also revokes the old certificate)"
+            )
         registry = _read_registry(ca_dir)
         taken = {int(e["serial"], 16) for e in registry["certificates"]}
         serial = _random_serial(taken)
@@ -569,7 +578,6 @@ def issue(
             )
             .sign(ca_key, hashes.SHA256())
         )
-        cert_path, key_path = out / f"{name}.crt", out / f"{name}.key"
         # Key before certificate: a watcher that sees the new certificate also finds its
         # key (and one that sees a mismatched pair keeps the old one, see common.tls).
         atomic_write(key_path, _key_pem(key), mode=0o600)
@@ -599,6 +607,51 @@ def issue(
         cert_path=cert_path,
         key_path=key_path,
     )
+
+
+def renew(
+    ca_dir: Path,
+    role: str,
+    name: str,
+    out: Path,
+    *,
+    valid_days: int = 397,
+    now: datetime | None = None,
+) -> tuple[IssuedCert, int]:
+    """Rotate the certificate of ``name`` in ``out``; returns the new one and the old serial.
+
+    A new key and certificate with the old one's DNS and IP names replace the files
+    atomically, then the old serial is revoked, so one certificate per peer stays valid.
+    """
+    ca_dir, out = Path(ca_dir), Path(out)
+    cert_path = out / f"{validate_name(name, f'{role} name')}.crt"
+    if not cert_path.exists():
+        raise PkiError(f"no certificate for {name!r} in {out} to renew; use 'pki issue'")
+    old = load_certificate(cert_path)
+    ca_cert, _ = _require_ca(ca_dir)
+    wanted = peer_uri(federation_of_ca(ca_cert), validate_role(role), name)
+    try:
+        # The signature, not the issuer name: a foreign CA can carry the same name.
+        old.verify_directly_issued_by(ca_cert)
+        ours = wanted in uri_sans(old)
+    except (ValueError, TypeError, InvalidSignature):
+        ours = False
+    if not ours:
+        raise PkiError(f"{cert_path} is not this CA's {role} certificate for {name!r}")
+    sans = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    new = issue(
+        ca_dir,
+        role,
+        name,
+        out,
+        dns=sans.get_values_for_type(x509.DNSName),
+        ips=[str(ip) for ip in sans.get_values_for_type(x509.IPAddress)],
+        valid_days=valid_days,
+        now=now,
+        replace=True,
+    )
+    revoke(ca_dir, serial=old.serial_number, now=now)
+    return new, old.serial_number
 
 
 def revoke(

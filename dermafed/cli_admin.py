@@ -167,6 +167,16 @@ def _round_row(r: admin_pb2.RoundSummary) -> list[Any]:
     ]
 
 
+def _duration(seconds: float) -> str:
+    """'45s', '12m 05s', '3h 02m': what an operator reads at a glance."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
 def _print_human(action: str, resp: Message) -> None:
     if isinstance(resp, admin_pb2.GetStatusResponse):
         print(f"federation         {resp.federation}")
@@ -179,6 +189,12 @@ def _print_human(action: str, resp: Message) -> None:
             + (f" of {resp.max_rounds}" if resp.max_rounds else "")
         )
         print(f"connected clinics  {', '.join(resp.connected_clinics) or '-'}")
+        if resp.HasField("next_round_at"):
+            wait = resp.next_round_at - time.time()
+            print(
+                f"next round due     {_when(resp.next_round_at)}"
+                + (f" (in {_duration(wait)})" if wait > 0 else " (once enough clinics connect)")
+            )
         if resp.HasField("current_round"):
             cur = resp.current_round
             print(

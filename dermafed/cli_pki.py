@@ -46,6 +46,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p_issue.add_argument("--days", type=int, default=397, help="validity (default 397)")
     p_issue.set_defaults(func=_cmd_issue)
 
+    p_renew = sub.add_parser(
+        "renew", help="rotate a certificate: new key and certificate, the old one revoked"
+    )
+    p_renew.add_argument("--role", required=True, choices=sorted(pki.ROLES))
+    p_renew.add_argument("--name", required=True, help="peer id, e.g. 'clinic-graz'")
+    p_renew.add_argument("--out", required=True, type=Path, help="directory holding cert/key")
+    p_renew.add_argument("--ca", required=True, type=Path, help="CA directory")
+    p_renew.add_argument("--days", type=int, default=397, help="validity (default 397)")
+    p_renew.set_defaults(func=_cmd_renew)
+
     p_revoke = sub.add_parser("revoke", help="revoke certificates and rewrite the CRL")
     p_revoke.add_argument("--ca", required=True, type=Path, help="CA directory")
     which = p_revoke.add_mutually_exclusive_group(required=True)
@@ -106,11 +116,24 @@ def _cmd_issue(args: argparse.Namespace) -> int:
         valid_days=args.days,
     )
     print(f"issued {issued.role} certificate for {issued.name!r}")
+    _print_issued(issued)
+    return 0
+
+
+def _print_issued(issued: pki.IssuedCert) -> None:
     print(f"  identity:    {issued.uri}")
     print(f"  serial:      {pki.format_serial(issued.serial)}")
     print(f"  valid until: {issued.not_after.isoformat()}")
     print(f"  certificate: {issued.cert_path}")
     print(f"  private key: {issued.key_path}")
+
+
+@_guarded
+def _cmd_renew(args: argparse.Namespace) -> int:
+    issued, old = pki.renew(args.ca, args.role, args.name, args.out, valid_days=args.days)
+    print(f"renewed {issued.role} certificate for {issued.name!r}")
+    _print_issued(issued)
+    print(f"  revoked:     {pki.format_serial(old)} (the previous certificate; CRL rewritten)")
     return 0
 
 

@@ -294,3 +294,48 @@ def test_admin_cli_tables_and_json(fed, capsys, tmp_path):
     assert "NOT_FOUND" in capsys.readouterr().err
     assert main(["admin", "--config", str(cfg), "abort", "-3"]) == 2
     assert "must be" in capsys.readouterr().err
+
+
+def test_a_refused_crl_reload_fails_loudly_and_keeps_the_old_list(fed, capsys, tmp_path):
+    """Before, ReloadRevocations answered success when the new CRL was refused."""
+    from dermafed.cli import main
+    from dermafed.demo import write_toml
+
+    service = fed.start_aggregator()
+    pki = fed.pki
+    revoke(pki.ca_dir, name="mallory")
+    alice = _admin(fed, pki.admins["alice"])
+    assert alice.ReloadRevocations(admin_pb2.ReloadRevocationsRequest(), timeout=5).revoked == 1
+
+    good = pki.crl.read_bytes()
+    pki.crl.write_bytes(b"-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n")
+    with pytest.raises(grpc.RpcError) as err:
+        alice.ReloadRevocations(admin_pb2.ReloadRevocationsRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "the CRL was refused" in err.value.details()
+    assert "the previous 1 revocation(s) stay in force" in err.value.details()
+    # Still revoked: a bad file never un-revokes anyone.
+    mallory = _admin(fed, pki.admins["mallory"])
+    assert code_of(lambda: mallory.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    audit = [a.action for a in service.ledger.audit_log()]
+    assert "reload_revocations_refused" in audit
+
+    pair = pki.admins["alice"]
+    cfg = tmp_path / "admin.toml"
+    write_toml(
+        cfg,
+        {
+            "federation": pki.federation,
+            "aggregator": {"address": f"localhost:{service.port}"},
+            "tls": {"ca_cert": pki.ca_cert, "cert": pair.cert, "key": pair.key},
+        },
+    )
+    assert main(["admin", "--config", str(cfg), "reload-revocations"]) == 1
+    err_line = capsys.readouterr().err.strip()
+    assert err_line.startswith("dermafed admin: FAILED_PRECONDITION: the CRL was refused")
+    assert "\n" not in err_line
+
+    pki.crl.write_bytes(good)
+    assert main(["admin", "--config", str(cfg), "reload-revocations"]) == 0

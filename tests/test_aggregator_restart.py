@@ -14,11 +14,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from federation_harness import CLINICS, Federation
 
+from aggregator.config import ServerSection
 from dermafed.demo import write_toml
 
 
@@ -167,3 +169,68 @@ def test_bad_config_exits_non_zero_naming_the_key(tmp_path: Path):
     result = _serve("agent", "run", "--config", str(agent_cfg))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "aggregator.address" in result.stderr  # the first missing key is named
+
+
+def test_a_restart_keeps_the_schedule_and_starts_no_round_early(federation: Federation):
+    """interval_s counts from the last round in the ledger, not from the restart.
+
+    Before, every restart started a round at once (round 3 at 13:05:22, a restart at
+    13:05:50, round 4 at 13:05:57 with interval_s = 3600), charging every clinic's budget.
+    """
+    rounds = replace(
+        federation.aggregator_config().rounds,
+        aggregation="plain",
+        start_when_connected=3,
+        interval_s=3600.0,
+    )
+    first = federation.start_aggregator(federation.aggregator_config(rounds=rounds))
+    port = first.port
+    for name in CLINICS:
+        federation.start_agent(name)
+    federation.wait_rounds(1)
+    last = first.ledger.rounds(limit=1)[0]
+    assert last.finished_at is not None
+    assert first.coordinator.status().next_round_at == pytest.approx(last.finished_at + 3600)
+    first.stop(grace=1.0)
+    federation.service = None
+
+    cfg = federation.aggregator_config(
+        rounds=rounds, server=ServerSection(listen=f"127.0.0.1:{port}", max_poll_wait_s=1.0)
+    )
+    second = federation.start_aggregator(cfg)
+    coord = second.coordinator
+    assert coord.status().next_round_at == pytest.approx(last.finished_at + 3600)
+    # Every clinic reconnects (the start condition is met) and polls for a while: still
+    # no round, because the hour since round 1 has not passed.
+    assert coord.wait_until(lambda: len(coord.status().connected) == len(CLINICS), 60)
+    polls_after = time.monotonic() + 3.0
+    while time.monotonic() < polls_after:
+        assert coord.status().current is None
+        time.sleep(0.2)
+    assert second.ledger.next_round_number() == last.number + 1
+
+
+def test_a_round_cut_short_by_a_stop_waits_retry_after_abort_after_the_restart(
+    federation: Federation,
+):
+    rounds = replace(
+        federation.aggregator_config().rounds,
+        aggregation="plain",
+        start_when_connected=3,
+        train_deadline_s=300.0,
+        retry_after_abort_s=600.0,
+    )
+    first = federation.start_aggregator(federation.aggregator_config(rounds=rounds))
+    for name in CLINICS:
+        federation.start_agent(name)
+    coord = first.coordinator
+    assert coord.wait_until(lambda: coord.status().current is not None, 60)
+    first.stop(grace=1.0)  # mid-round: the round is recorded as aborted
+    federation.service = None
+    federation.stop()
+
+    second = federation.start_aggregator(federation.aggregator_config(rounds=rounds))
+    last = second.ledger.rounds(limit=1)[0]
+    assert last.outcome == "aborted"
+    assert last.finished_at is not None
+    assert second.coordinator.status().next_round_at == pytest.approx(last.finished_at + 600)

@@ -396,9 +396,8 @@ def test_certificates_rotate_without_dropping_the_federation(federation):
         federation.start_agent(name)
     federation.wait_rounds(1)
     old = federation.pki.clinics["clinic-a"]
-    fresh = pki_ops.issue(federation.pki.ca_dir, "clinic", "clinic-a", old.cert.parent)
-    assert fresh.serial != old.serial and fresh.cert_path == old.cert
-    pki_ops.revoke(federation.pki.ca_dir, serial=old.serial)
+    fresh, revoked = pki_ops.renew(federation.pki.ca_dir, "clinic", "clinic-a", old.cert.parent)
+    assert fresh.serial != old.serial == revoked and fresh.cert_path == old.cert
     done = service.coordinator.status().rounds_completed
     federation.wait_rounds(done + 2, timeout=180)
     last = next(r for r in service.ledger.rounds(limit=5) if r.outcome is not None)

@@ -490,3 +490,12 @@ def test_channel_options_merge_over_defaults() -> None:
         server["grpc.http2.min_ping_interval_without_data_ms"]
         <= dict(GRPC_OPTIONS)["grpc.keepalive_time_ms"]
     )
+
+
+def test_reload_says_why_a_file_was_refused(own_fed: FederationPKI) -> None:
+    revocations = RevocationList(own_fed.crl, _ca(own_fed), check_interval=0.0)
+    assert revocations.reload() is None
+    own_fed.crl.write_bytes(b"corrupt")
+    assert "not a valid X.509 CRL" in (revocations.reload() or "")
+    own_fed.crl.unlink()
+    assert "disappeared" in (revocations.reload() or "")

@@ -195,14 +195,48 @@ def test_issue_clamps_validity_to_the_ca(tmp_path: Path) -> None:
     assert pki.load_certificate(issued.cert_path).not_valid_after_utc == ca.not_valid_after_utc
 
 
-def test_reissue_rotates_files_and_keeps_both_records(own_fed: FederationPKI) -> None:
+def test_issue_refuses_to_overwrite_a_peers_key(own_fed: FederationPKI) -> None:
+    """Before, issuing into an existing directory replaced the key in use and left the
+    old certificate valid: three valid certificates for one clinic in 'pki list'."""
     old = own_fed.clinics["clinic-a"]
-    new = pki.issue(own_fed.ca_dir, "clinic", "clinic-a", old.cert.parent)
-    assert new.serial != old.serial
+    key_before = old.key.read_bytes()
+    with pytest.raises(pki.PkiError, match=r"refusing to overwrite .*pki renew"):
+        pki.issue(own_fed.ca_dir, "clinic", "clinic-a", old.cert.parent)
+    assert old.key.read_bytes() == key_before
+    assert [r.serial for r in pki.list_issued(own_fed.ca_dir) if r.name == "clinic-a"] == [
+        old.serial
+    ]
+
+
+def test_renew_rotates_files_and_revokes_the_old_certificate(own_fed: FederationPKI) -> None:
+    old = own_fed.clinics["clinic-a"]
+    new, old_serial = pki.renew(own_fed.ca_dir, "clinic", "clinic-a", old.cert.parent)
+    assert old_serial == old.serial != new.serial
     assert new.cert_path == old.cert
     assert pki.load_certificate(old.cert).serial_number == new.serial
-    serials = {r.serial for r in pki.list_issued(own_fed.ca_dir) if r.name == "clinic-a"}
-    assert serials == {old.serial, new.serial}
+    records = {r.serial: r.revoked for r in pki.list_issued(own_fed.ca_dir) if r.name == "clinic-a"}
+    assert records == {old.serial: True, new.serial: False}
+    assert [r.serial_number for r in _crl(own_fed.ca_dir)] == [old.serial]
+
+
+def test_renew_keeps_the_aggregators_dns_names(own_fed: FederationPKI) -> None:
+    agg = own_fed.aggregator
+    before = pki.load_certificate(agg.cert).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    pki.renew(own_fed.ca_dir, "aggregator", "aggregator", agg.cert.parent)
+    after = pki.load_certificate(agg.cert).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert after.value == before.value
+
+
+def test_renew_refuses_a_missing_or_foreign_certificate(own_fed: FederationPKI, tmp_path) -> None:
+    with pytest.raises(pki.PkiError, match="no certificate for 'clinic-z'"):
+        pki.renew(own_fed.ca_dir, "clinic", "clinic-z", tmp_path)
+    foreign = own_fed.foreign_clinic
+    with pytest.raises(pki.PkiError, match="not this CA's clinic certificate"):
+        pki.renew(own_fed.ca_dir, "clinic", foreign.cert.stem, foreign.cert.parent)
 
 
 def test_concurrent_issues_do_not_lose_registry_records(tmp_path: Path) -> None:
@@ -254,7 +288,7 @@ def test_revoke_by_serial_updates_registry_and_signed_crl(own_fed: FederationPKI
 
 def test_revoke_by_name_revokes_every_certificate_of_that_peer(own_fed: FederationPKI) -> None:
     rotated = pki.issue(
-        own_fed.ca_dir, "clinic", "clinic-c", own_fed.clinics["clinic-c"].cert.parent
+        own_fed.ca_dir, "clinic", "clinic-c", own_fed.clinics["clinic-c"].cert.parent, replace=True
     )
     pki.revoke(own_fed.ca_dir, serial=own_fed.clinics["clinic-a"].serial)
 
@@ -367,15 +401,28 @@ def test_cli_full_lifecycle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert (tmp_path / "graz" / "graz.crt").is_file()
     assert (tmp_path / "graz" / "ca.crt").read_bytes() == (ca / "ca.crt").read_bytes()
 
+    # Issuing again into the same folder is refused; renew rotates and revokes the old one.
+    assert _cli(*issue_graz.split()) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    renew_graz = f"pki renew --role clinic --name graz --ca {ca} --out {tmp_path}/graz"
+    assert _cli(*renew_graz.split()) == 0
+    renewed = capsys.readouterr().out
+    assert "renewed clinic certificate for 'graz'" in renewed and "revoked:" in renewed
+
     assert _cli("pki", "list", "--ca", str(ca)) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["SERIAL", "ROLE", "NAME", "NOT", "AFTER", "STATUS"]
-    assert [line.split()[1:3] for line in table[1:]] == [["aggregator", "agg"], ["clinic", "graz"]]
-    assert all(line.split()[-1] == "valid" for line in table[1:])
+    assert [line.split()[1:3] for line in table[1:]] == [
+        ["aggregator", "agg"],
+        ["clinic", "graz"],
+        ["clinic", "graz"],
+    ]
+    # One valid certificate per peer: the renewed one; the old one is revoked.
+    assert [line.split()[-1] for line in table[1:]] == ["valid", "revoked", "valid"]
 
     assert _cli("pki", "list", "--ca", str(ca), "--json") == 0
     rows = json.loads(capsys.readouterr().out)
-    graz = next(r for r in rows if r["name"] == "graz")
+    graz = next(r for r in rows if r["name"] == "graz" and r["status"] == "valid")
     assert graz["uri"] == "spiffe://eu-derm/clinic/graz" and graz["status"] == "valid"
 
     assert _cli("pki", "revoke", "--ca", str(ca), "--serial", "0x" + graz["serial"]) == 0
@@ -386,7 +433,7 @@ def test_cli_full_lifecycle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     capsys.readouterr()
 
     assert _cli("pki", "list", "--ca", str(ca), "--json") == 0
-    assert [r["status"] for r in json.loads(capsys.readouterr().out)] == ["revoked", "revoked"]
+    assert [r["status"] for r in json.loads(capsys.readouterr().out)] == ["revoked"] * 3
     assert {r.serial_number for r in _crl(ca)} == {int(r["serial"], 16) for r in rows}
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from aggregator.rounds import Phase, Round, select_cohort, should_start_round
+from aggregator.rounds import Phase, Round, next_round_due, select_cohort, should_start_round
 from common.errors import (
     DuplicateSubmissionError,
     NotInCohortError,
@@ -168,3 +168,13 @@ def test_scheduling_rule():
     assert should_start_round(**{**base, "last_finished_at": 30.0})
     assert not should_start_round(**{**base, "rounds_finished": 2})
     assert should_start_round(**{**base, "rounds_finished": 2, "requested": True})
+
+
+def test_next_round_due_counts_the_interval_from_the_last_finish():
+    assert next_round_due(None, 3600.0) is None  # nothing finished yet: at once
+    assert next_round_due(1000.0, 3600.0) == 4600.0
+    assert next_round_due(1000.0, 0.0) == 1000.0
+    # The start rule and the due time agree at the boundary.
+    base = dict(connected=3, needed=3, rounds_finished=1, max_rounds=0, interval_s=3600.0)
+    assert not should_start_round(now=4599.9, last_finished_at=1000.0, **base)
+    assert should_start_round(now=4600.0, last_finished_at=1000.0, **base)

@@ -216,12 +216,18 @@ class GetStatusResponse(_message.Message):
     CONNECTED_CLINICS_FIELD_NUMBER: _builtins.int
     ROUNDS_COMPLETED_FIELD_NUMBER: _builtins.int
     MAX_ROUNDS_FIELD_NUMBER: _builtins.int
+    NEXT_ROUND_AT_FIELD_NUMBER: _builtins.int
     federation: _builtins.str
     published_round: _builtins.int
     published_checkpoint: _builtins.str
     rounds_completed: _builtins.int
     max_rounds: _builtins.int
     """0 = unlimited"""
+    next_round_at: _builtins.float
+    """Earliest time (Unix seconds) rounds.interval_s lets the next round start, restored
+    from the ledger across restarts; unset while a round runs, once max_rounds is
+    reached, or when a round may start as soon as enough clinics are connected.
+    """
     @_builtins.property
     def current_round(self) -> Global___RoundSummary:
         """unset when idle"""
@@ -243,12 +249,15 @@ class GetStatusResponse(_message.Message):
         connected_clinics: _abc.Iterable[_builtins.str] | None = ...,
         rounds_completed: _builtins.int = ...,
         max_rounds: _builtins.int = ...,
+        next_round_at: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "last_round", b"last_round"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_next_round_at", b"_next_round_at", "current_round", b"current_round", "last_round", b"last_round", "next_round_at", b"next_round_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_clinics", b"connected_clinics", "current_round", b"current_round", "federation", b"federation", "last_round", b"last_round", "max_rounds", b"max_rounds", "published_checkpoint", b"published_checkpoint", "published_round", b"published_round", "rounds_completed", b"rounds_completed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_next_round_at", b"_next_round_at", "connected_clinics", b"connected_clinics", "current_round", b"current_round", "federation", b"federation", "last_round", b"last_round", "max_rounds", b"max_rounds", "next_round_at", b"next_round_at", "published_checkpoint", b"published_checkpoint", "published_round", b"published_round", "rounds_completed", b"rounds_completed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__next_round_at: _TypeAlias = _typing.Literal["next_round_at"]  # noqa: Y015
+    _WhichOneofArgType__next_round_at: _TypeAlias = _typing.Literal["_next_round_at", b"_next_round_at"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__next_round_at) -> _WhichOneofReturnType__next_round_at | None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
 
