@@ -54,6 +54,7 @@ from aggregator.validation import HoldoutEvaluator
 from common.clipping import clinic_noise_std
 from common.errors import (
     BusyError,
+    InvalidArgumentError,
     InvalidUpdateError,
     NotFoundError,
     PreconditionError,
@@ -138,6 +139,10 @@ class Coordinator:
         self._published_metrics: dict[str, object] | None = None
         self._specs: tuple[TensorSpec, ...] = ()
         self.gate = config.validation.gate_settings()
+        # Highest epsilon spent each clinic identity has reported (from the ledger), and
+        # the clinics refused because they reported less: their privacy ledger was reset.
+        self._privacy_floors: dict[str, float] = {}
+        self._privacy_blocked: dict[str, float] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -169,6 +174,7 @@ class Coordinator:
         self._specs = tuple(specs_of(in_order(state, order)))
         self._published = (cid, int(round_no or 0))
         self._rounds_finished = sum(1 for r in self.ledger.rounds(limit=1_000_000) if r.outcome)
+        self._privacy_floors = self.ledger.privacy_floors()
         last = self.ledger.rounds(limit=1)
         # The schedule resumes from the ledger, not from the restart: otherwise every
         # restart (an upgrade, a config change, a Restart=on-failure loop) would start a
@@ -234,6 +240,9 @@ class Coordinator:
         """Long-poll: return a task for ``clinic`` as soon as there is one, or after wait_s."""
         give_up = time.monotonic() + max(0.0, wait_s)
         with self._cond:
+            if privacy is not None:
+                # Before _touch: a refused clinic does not count as connected.
+                self._check_privacy_floor_locked(clinic, privacy)
             self._touch(clinic)
             if privacy is not None:
                 self._record_privacy_locked(clinic, privacy)
@@ -248,7 +257,73 @@ class Coordinator:
                 self._touch(clinic)
             return PollResult(task, *self._published)
 
+    def _check_privacy_floor_locked(self, clinic: str, report: PrivacyReport) -> None:
+        """Refuse a clinic whose spent epsilon went down: its privacy ledger was reset.
+
+        A clinic restarted with a fresh state_dir (or an old backup of its ledger) would
+        otherwise start spending a budget it has already spent, and nothing would say so.
+        Its polls are refused until its report is back at the floor (the right ledger was
+        restored) or an admin acknowledges the reset with a reason.
+        """
+        floor = self._privacy_floors.get(clinic)
+        if floor is None or report.epsilon_spent >= floor * (1.0 - 1e-9):
+            if self._privacy_blocked.pop(clinic, None) is not None:
+                log.info("clinic %s reports epsilon %.4g again; no longer refused", clinic, floor)
+                self.metrics.clinic_privacy_reset.labels(clinic=clinic).set(0)
+            return
+        if clinic not in self._privacy_blocked:
+            log.error(
+                "clinic %s reports epsilon spent %.4g, below the %.4g it reported before; "
+                "refusing it until an admin acknowledges the reset",
+                clinic,
+                report.epsilon_spent,
+                floor,
+            )
+            self.ledger.record_clinic_event(
+                None,
+                clinic,
+                "privacy_reset",
+                json.dumps({"reported": report.epsilon_spent, "floor": floor}),
+                self._clock(),
+            )
+        self._privacy_blocked[clinic] = report.epsilon_spent
+        self.metrics.clinic_privacy_reset.labels(clinic=clinic).set(1)
+        raise PreconditionError(
+            f"clinic {clinic} reports epsilon spent {report.epsilon_spent:.4g}, below the "
+            f"{floor:.4g} it reported before: its privacy ledger was reset or replaced. Restore "
+            f"it, or have an admin run 'dermafed admin ack-privacy-reset {clinic} --reason ...'"
+        )
+
+    def acknowledge_privacy_reset(
+        self, clinic: str, reason: str, actor: str
+    ) -> tuple[float, float]:
+        """An admin accepts a clinic's lower epsilon; returns (old floor, new floor)."""
+        if not reason.strip():
+            raise InvalidArgumentError("a reason is required: it goes into the audit log")
+        with self._cond:
+            reported = self._privacy_blocked.get(clinic)
+            if reported is None:
+                raise PreconditionError(f"clinic {clinic} is not refused for a privacy reset")
+            previous = self.ledger.reset_privacy_floor(
+                clinic, reported, self._clock(), actor=actor or "unknown", reason=reason.strip()
+            )
+            self._privacy_floors[clinic] = reported
+            del self._privacy_blocked[clinic]
+            self.metrics.clinic_privacy_reset.labels(clinic=clinic).set(0)
+        log.warning(
+            "%s acknowledged clinic %s's privacy reset (epsilon floor %.4g -> %.4g): %s",
+            actor,
+            clinic,
+            previous,
+            reported,
+            reason,
+        )
+        return previous, reported
+
     def _record_privacy_locked(self, clinic: str, report: PrivacyReport) -> None:
+        if report.epsilon_spent > self._privacy_floors.get(clinic, -1.0):
+            self.ledger.raise_privacy_floor(clinic, report.epsilon_spent, self._clock())
+            self._privacy_floors[clinic] = report.epsilon_spent
         info = self._clinics[clinic]
         self.metrics.clinic_epsilon_spent.labels(clinic=clinic).set(report.epsilon_spent)
         self.metrics.clinic_epsilon_remaining.labels(clinic=clinic).set(report.epsilon_remaining)
@@ -575,8 +650,10 @@ class Coordinator:
         with self._cond:
             seen = {c: i.last_seen for c, i in self._clinics.items()}
             connected = set(self._connected_locked(now))
+            floors = dict(self._privacy_floors)
+            blocked = set(self._privacy_blocked)
         views = []
-        for clinic in sorted(set(counts) | set(seen)):
+        for clinic in sorted(set(counts) | set(seen) | set(floors)):
             c = counts.get(clinic, {})
             spent, remaining = epsilon.get(clinic, (None, None))
             views.append(
@@ -590,6 +667,8 @@ class Coordinator:
                     last_decline_reason=last_decline.get(clinic, ""),
                     epsilon_spent=spent,
                     epsilon_remaining=remaining,
+                    epsilon_floor=floors.get(clinic),
+                    privacy_reset=clinic in blocked,
                 )
             )
         return views
@@ -652,7 +731,12 @@ class Coordinator:
 
     def _connected_locked(self, now: float) -> list[str]:
         horizon = self.config.rounds.connected_timeout_s
-        return sorted(c for c, i in self._clinics.items() if now - i.last_seen <= horizon)
+        # A clinic refused for a privacy reset is never in a cohort, however recently seen.
+        return sorted(
+            c
+            for c, i in self._clinics.items()
+            if now - i.last_seen <= horizon and c not in self._privacy_blocked
+        )
 
     def _loop(self) -> None:
         while not self._stop.is_set():

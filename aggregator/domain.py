@@ -160,6 +160,9 @@ class ClinicView:
     last_decline_reason: str
     epsilon_spent: float | None
     epsilon_remaining: float | None
+    # The highest epsilon spent this identity has reported; a report below it is refused.
+    epsilon_floor: float | None = None
+    privacy_reset: bool = False  # refused now: reported less than epsilon_floor
 
 
 @dataclass(frozen=True)

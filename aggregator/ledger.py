@@ -163,7 +163,32 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-MIGRATIONS: tuple[Migration, ...] = (_migrate_0_to_1,)
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    # The highest epsilon each clinic identity has reported: a report below it means the
+    # clinic's privacy ledger was reset or replaced (see Coordinator.poll). Seeded from
+    # the privacy reports already in the ledger.
+    conn.execute(
+        """
+        CREATE TABLE privacy_floor (
+            clinic TEXT PRIMARY KEY,
+            epsilon_spent REAL NOT NULL CHECK (epsilon_spent >= 0),
+            at REAL NOT NULL
+        )
+        """
+    )
+    conn.execute(
+        """
+        INSERT INTO privacy_floor (clinic, epsilon_spent, at)
+        SELECT clinic, MAX(json_extract(detail, '$.epsilon_spent')), MAX(at)
+        FROM clinic_events
+        WHERE event = 'privacy' AND json_valid(detail)
+          AND json_extract(detail, '$.epsilon_spent') >= 0
+        GROUP BY clinic
+        """
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_migrate_0_to_1, _migrate_1_to_2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -585,6 +610,63 @@ class Ledger:
                 .fetchall()
             )
         return [Publication(int(r[0]), r[1], r[2], float(r[3]), r[4], r[5] or "") for r in rows]
+
+    # ----------------------------------------------------------------- privacy floor
+
+    def privacy_floors(self) -> dict[str, float]:
+        """The highest epsilon spent each clinic has reported (or an admin reset it to)."""
+        with self._lock:
+            rows = self._db().execute("SELECT clinic, epsilon_spent FROM privacy_floor").fetchall()
+        return {r[0]: float(r[1]) for r in rows}
+
+    def raise_privacy_floor(self, clinic: str, epsilon_spent: float, at: float) -> None:
+        """Remember ``epsilon_spent`` for ``clinic`` if it is higher than what is known."""
+        _text("clinic", clinic)
+        when = _time("at", at)
+        if not (math.isfinite(epsilon_spent) and epsilon_spent >= 0):
+            raise ValueError(f"epsilon_spent must be finite and >= 0, got {epsilon_spent!r}")
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO privacy_floor (clinic, epsilon_spent, at) VALUES (?, ?, ?)"
+                " ON CONFLICT (clinic) DO UPDATE SET"
+                " epsilon_spent = excluded.epsilon_spent, at = excluded.at"
+                " WHERE excluded.epsilon_spent > privacy_floor.epsilon_spent",
+                (clinic, float(epsilon_spent), when),
+            )
+
+    def reset_privacy_floor(
+        self,
+        clinic: str,
+        epsilon_spent: float,
+        at: float,
+        *,
+        actor: str,
+        reason: str,
+    ) -> float:
+        """Lower ``clinic``'s floor to ``epsilon_spent`` and audit it, in one transaction.
+
+        Returns the floor it replaced. Only an admin's acknowledgement calls this.
+        """
+        _text("clinic", clinic)
+        _text("actor", actor)
+        _text("reason", reason)
+        when = _time("at", at)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT epsilon_spent FROM privacy_floor WHERE clinic = ?", (clinic,)
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"no privacy report from clinic {clinic!r} is on record")
+            db.execute(
+                "UPDATE privacy_floor SET epsilon_spent = ?, at = ? WHERE clinic = ?",
+                (float(epsilon_spent), when, clinic),
+            )
+            detail = {"clinic": clinic, "from": row[0], "to": epsilon_spent, "reason": reason}
+            db.execute(
+                "INSERT INTO audit (at, actor, action, detail_json) VALUES (?, ?, ?, ?)",
+                (when, actor, "acknowledge_privacy_reset", _dumps(detail)),
+            )
+        return float(row[0])
 
     # ----------------------------------------------------------------- audit
 

@@ -138,6 +138,13 @@ class AggregatorMetrics:
             ["clinic"],
             registry=registry,
         )
+        self.clinic_privacy_reset = Gauge(
+            "dermafed_clinic_privacy_reset",
+            "1 while a clinic is refused because it reported less epsilon spent than before "
+            "(its privacy ledger was reset or replaced), until an admin acknowledges it.",
+            ["clinic"],
+            registry=registry,
+        )
         self.certificate_expiry = Gauge(
             "dermafed_certificate_expiry_timestamp_seconds",
             "Unix time the service's own TLS certificate expires.",

@@ -22,6 +22,7 @@ from common.errors import (
     DermafedError,
     DuplicateSubmissionError,
     IntegrityError,
+    InvalidArgumentError,
     InvalidUpdateError,
     NotFoundError,
     NotInCohortError,
@@ -46,6 +47,7 @@ CHUNK_BYTES = 1 << 20
 # One domain error class, one status code.
 _STATUS: list[tuple[type[DermafedError], grpc.StatusCode]] = [
     (InvalidUpdateError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (PayloadTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DuplicateSubmissionError, grpc.StatusCode.ALREADY_EXISTS),
     (StaleRoundError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -585,7 +587,23 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
                 info.epsilon_spent = v.epsilon_spent
             if v.epsilon_remaining is not None:
                 info.epsilon_remaining = v.epsilon_remaining
+            if v.epsilon_floor is not None:
+                info.epsilon_floor = v.epsilon_floor
+            info.privacy_reset = v.privacy_reset
         return out
+
+    def AcknowledgePrivacyReset(
+        self, request: admin_pb2.AcknowledgePrivacyResetRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.AcknowledgePrivacyResetResponse:
+        who = self._identity(context, "AcknowledgePrivacyReset", "admin")
+        previous, new = self._call(
+            context,
+            "AcknowledgePrivacyReset",
+            lambda: self.coordinator.acknowledge_privacy_reset(
+                request.clinic, request.reason, who.uri
+            ),
+        )
+        return admin_pb2.AcknowledgePrivacyResetResponse(previous_floor=previous, new_floor=new)
 
     def ReloadRevocations(
         self, request: admin_pb2.ReloadRevocationsRequest, context: grpc.ServicerContext

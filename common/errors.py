@@ -11,6 +11,10 @@ class DermafedError(Exception):
     """Base class: every error the project raises on purpose."""
 
 
+class InvalidArgumentError(DermafedError):
+    """A request argument is missing or malformed (an operator's typo, an empty reason)."""
+
+
 class ConfigError(DermafedError):
     """A configuration file or override is invalid; the message names the bad key."""
 

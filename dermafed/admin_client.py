@@ -74,5 +74,13 @@ class AdminClient:
             admin_pb2.ReloadRevocationsRequest(), timeout=self.timeout_s
         )
 
+    def ack_privacy_reset(
+        self, clinic: str, reason: str
+    ) -> admin_pb2.AcknowledgePrivacyResetResponse:
+        return self.stub.AcknowledgePrivacyReset(
+            admin_pb2.AcknowledgePrivacyResetRequest(clinic=clinic, reason=reason),
+            timeout=self.timeout_s,
+        )
+
     def close(self) -> None:
         self.channel.close()

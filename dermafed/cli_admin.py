@@ -53,6 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions.add_parser("reload-revocations", help="re-read the CRL now").set_defaults(
         func=_run(_reload)
     )
+    ack = actions.add_parser(
+        "ack-privacy-reset",
+        help="accept that a clinic's spent epsilon went down (its privacy ledger was reset)",
+    )
+    ack.add_argument("clinic", help="the clinic id, as 'clinics' shows it")
+    ack.add_argument("--reason", required=True, help="why; recorded in the audit log")
+    ack.set_defaults(func=_run(_ack_privacy_reset))
 
 
 class UsageError(Exception):
@@ -133,6 +140,12 @@ def _rollback(c: AdminClient, a: argparse.Namespace) -> Message:
 
 def _reload(c: AdminClient, a: argparse.Namespace) -> Message:
     return c.reload_revocations()
+
+
+def _ack_privacy_reset(c: AdminClient, a: argparse.Namespace) -> Message:
+    if not a.reason.strip():
+        raise UsageError("--reason must say why the reset is accepted (it is audited)")
+    return c.ack_privacy_reset(a.clinic, a.reason)
 
 
 def _when(ts: float) -> str:
@@ -250,6 +263,7 @@ def _print_human(action: str, resp: Message) -> None:
                 "dropouts",
                 "epsilon spent",
                 "epsilon left",
+                "privacy",
             ],
             [
                 [
@@ -261,6 +275,7 @@ def _print_human(action: str, resp: Message) -> None:
                     c.dropouts,
                     _num(c.epsilon_spent, ".2f") if c.HasField("epsilon_spent") else "-",
                     _num(c.epsilon_remaining, ".2f") if c.HasField("epsilon_remaining") else "-",
+                    (f"RESET (was {_num(c.epsilon_floor, '.2f')})" if c.privacy_reset else "ok"),
                 ]
                 for c in resp.clinics
             ],
@@ -277,5 +292,10 @@ def _print_human(action: str, resp: Message) -> None:
             )
         else:
             print(f"checkpoint {resp.checkpoint[:16]} (round {resp.round}) is already published")
+    elif isinstance(resp, admin_pb2.AcknowledgePrivacyResetResponse):
+        print(
+            f"privacy reset acknowledged: epsilon floor {resp.previous_floor:.2f} -> "
+            f"{resp.new_floor:.2f}; the clinic is served again"
+        )
     elif isinstance(resp, admin_pb2.ReloadRevocationsResponse):
         print(f"revocation list reloaded: {resp.revoked} revoked serial(s)")

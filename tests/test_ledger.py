@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
@@ -670,3 +671,42 @@ def test_sigkill_mid_round_leaves_a_consistent_ledger(tmp_path: Path) -> None:
             latest = published_rounds[-1] if published_rounds else 0
             assert led.published() == (history[-1].checkpoint, latest)
     assert len(reported_done) >= 20
+
+
+def test_a_version_1_ledger_gets_its_privacy_floor_from_the_reports_it_holds(
+    tmp_path: Path,
+) -> None:
+    from aggregator.ledger import MIGRATIONS
+
+    path = tmp_path / "v1.sqlite"
+    raw = sqlite3.connect(path)
+    MIGRATIONS[0](raw)
+    raw.execute("PRAGMA user_version = 1")
+    reports = [("clinic-a", 2.5, 10.0), ("clinic-a", 10.02, 11.0), ("clinic-b", 1.0, 12.0)]
+    insert = "INSERT INTO clinic_events (clinic, event, detail, at) VALUES (?, ?, ?, ?)"
+    for clinic, spent, at in reports:
+        raw.execute(insert, (clinic, "privacy", json.dumps({"epsilon_spent": spent}), at))
+    raw.execute(insert, ("clinic-c", "privacy", "not json", 13.0))
+    raw.commit()
+    raw.close()
+    with Ledger(path) as led:
+        assert led.schema_version() == SCHEMA_VERSION
+        assert led.privacy_floors() == {"clinic-a": 10.02, "clinic-b": 1.0}
+
+
+def test_the_privacy_floor_only_rises_except_by_an_audited_reset(ledger: Ledger) -> None:
+    ledger.raise_privacy_floor("clinic-a", 3.0, 1.0)
+    ledger.raise_privacy_floor("clinic-a", 1.0, 2.0)
+    assert ledger.privacy_floors() == {"clinic-a": 3.0}
+    with pytest.raises(ValueError, match="finite"):
+        ledger.raise_privacy_floor("clinic-a", float("nan"), 3.0)
+    with pytest.raises(NotFoundError):
+        ledger.reset_privacy_floor("clinic-z", 0.0, 4.0, actor="admin", reason="r")
+    assert ledger.reset_privacy_floor("clinic-a", 0.5, 5.0, actor="admin", reason="lost") == 3.0
+    assert ledger.privacy_floors() == {"clinic-a": 0.5}
+    entry = ledger.audit_log(limit=1)[0]
+    assert (entry.actor, entry.action, entry.detail["reason"]) == (
+        "admin",
+        "acknowledge_privacy_reset",
+        "lost",
+    )

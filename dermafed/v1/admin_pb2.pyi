@@ -531,6 +531,8 @@ class ClinicInfo(_message.Message):
     LAST_DECLINE_REASON_FIELD_NUMBER: _builtins.int
     EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     EPSILON_REMAINING_FIELD_NUMBER: _builtins.int
+    EPSILON_FLOOR_FIELD_NUMBER: _builtins.int
+    PRIVACY_RESET_FIELD_NUMBER: _builtins.int
     clinic: _builtins.str
     connected: _builtins.bool
     last_seen: _builtins.float
@@ -541,6 +543,12 @@ class ClinicInfo(_message.Message):
     last_decline_reason: _builtins.str
     epsilon_spent: _builtins.float
     epsilon_remaining: _builtins.float
+    epsilon_floor: _builtins.float
+    """The highest epsilon spent this clinic identity has reported; a lower report is refused."""
+    privacy_reset: _builtins.bool
+    """True while the clinic is refused for reporting less than epsilon_floor (its privacy
+    ledger was reset or replaced); AcknowledgePrivacyReset lifts it.
+    """
     def __init__(
         self,
         *,
@@ -553,15 +561,21 @@ class ClinicInfo(_message.Message):
         last_decline_reason: _builtins.str = ...,
         epsilon_spent: _builtins.float | None = ...,
         epsilon_remaining: _builtins.float | None = ...,
+        epsilon_floor: _builtins.float | None = ...,
+        privacy_reset: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_epsilon_remaining", b"_epsilon_remaining", "_epsilon_spent", b"_epsilon_spent", "epsilon_remaining", b"epsilon_remaining", "epsilon_spent", b"epsilon_spent"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epsilon_floor", b"_epsilon_floor", "_epsilon_remaining", b"_epsilon_remaining", "_epsilon_spent", b"_epsilon_spent", "epsilon_floor", b"epsilon_floor", "epsilon_remaining", b"epsilon_remaining", "epsilon_spent", b"epsilon_spent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epsilon_remaining", b"_epsilon_remaining", "_epsilon_spent", b"_epsilon_spent", "clinic", b"clinic", "connected", b"connected", "declines", b"declines", "dropouts", b"dropouts", "epsilon_remaining", b"epsilon_remaining", "epsilon_spent", b"epsilon_spent", "last_decline_reason", b"last_decline_reason", "last_seen", b"last_seen", "rounds_contributed", b"rounds_contributed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epsilon_floor", b"_epsilon_floor", "_epsilon_remaining", b"_epsilon_remaining", "_epsilon_spent", b"_epsilon_spent", "clinic", b"clinic", "connected", b"connected", "declines", b"declines", "dropouts", b"dropouts", "epsilon_floor", b"epsilon_floor", "epsilon_remaining", b"epsilon_remaining", "epsilon_spent", b"epsilon_spent", "last_decline_reason", b"last_decline_reason", "last_seen", b"last_seen", "privacy_reset", b"privacy_reset", "rounds_contributed", b"rounds_contributed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__epsilon_floor: _TypeAlias = _typing.Literal["epsilon_floor"]  # noqa: Y015
+    _WhichOneofArgType__epsilon_floor: _TypeAlias = _typing.Literal["_epsilon_floor", b"_epsilon_floor"]  # noqa: Y015
     _WhichOneofReturnType__epsilon_remaining: _TypeAlias = _typing.Literal["epsilon_remaining"]  # noqa: Y015
     _WhichOneofArgType__epsilon_remaining: _TypeAlias = _typing.Literal["_epsilon_remaining", b"_epsilon_remaining"]  # noqa: Y015
     _WhichOneofReturnType__epsilon_spent: _TypeAlias = _typing.Literal["epsilon_spent"]  # noqa: Y015
     _WhichOneofArgType__epsilon_spent: _TypeAlias = _typing.Literal["_epsilon_spent", b"_epsilon_spent"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epsilon_floor) -> _WhichOneofReturnType__epsilon_floor | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epsilon_remaining) -> _WhichOneofReturnType__epsilon_remaining | None: ...
     @_typing.overload
@@ -603,6 +617,51 @@ class ListClinicsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListClinicsResponse: _TypeAlias = ListClinicsResponse  # noqa: Y015
+
+@_typing.final
+class AcknowledgePrivacyResetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLINIC_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    clinic: _builtins.str
+    reason: _builtins.str
+    """required; recorded in the audit log"""
+    def __init__(
+        self,
+        *,
+        clinic: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clinic", b"clinic", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcknowledgePrivacyResetRequest: _TypeAlias = AcknowledgePrivacyResetRequest  # noqa: Y015
+
+@_typing.final
+class AcknowledgePrivacyResetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREVIOUS_FLOOR_FIELD_NUMBER: _builtins.int
+    NEW_FLOOR_FIELD_NUMBER: _builtins.int
+    previous_floor: _builtins.float
+    new_floor: _builtins.float
+    def __init__(
+        self,
+        *,
+        previous_floor: _builtins.float = ...,
+        new_floor: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_floor", b"new_floor", "previous_floor", b"previous_floor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcknowledgePrivacyResetResponse: _TypeAlias = AcknowledgePrivacyResetResponse  # noqa: Y015
 
 @_typing.final
 class ReloadRevocationsRequest(_message.Message):

@@ -74,6 +74,11 @@ class AdminStub:
                 request_serializer=dermafed_dot_v1_dot_admin__pb2.ReloadRevocationsRequest.SerializeToString,
                 response_deserializer=dermafed_dot_v1_dot_admin__pb2.ReloadRevocationsResponse.FromString,
                 _registered_method=True)
+        self.AcknowledgePrivacyReset = channel.unary_unary(
+                '/dermafed.v1.Admin/AcknowledgePrivacyReset',
+                request_serializer=dermafed_dot_v1_dot_admin__pb2.AcknowledgePrivacyResetRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_admin__pb2.AcknowledgePrivacyResetResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -129,6 +134,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcknowledgePrivacyReset(self, request, context):
+        """Accept that a clinic's spent epsilon went down (its privacy ledger was reset), with a
+        reason for the audit log; the clinic is served again from its new, lower report.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +184,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ReloadRevocations,
                     request_deserializer=dermafed_dot_v1_dot_admin__pb2.ReloadRevocationsRequest.FromString,
                     response_serializer=dermafed_dot_v1_dot_admin__pb2.ReloadRevocationsResponse.SerializeToString,
+            ),
+            'AcknowledgePrivacyReset': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcknowledgePrivacyReset,
+                    request_deserializer=dermafed_dot_v1_dot_admin__pb2.AcknowledgePrivacyResetRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_admin__pb2.AcknowledgePrivacyResetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +407,33 @@ class Admin:
             '/dermafed.v1.Admin/ReloadRevocations',
             dermafed_dot_v1_dot_admin__pb2.ReloadRevocationsRequest.SerializeToString,
             dermafed_dot_v1_dot_admin__pb2.ReloadRevocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcknowledgePrivacyReset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Admin/AcknowledgePrivacyReset',
+            dermafed_dot_v1_dot_admin__pb2.AcknowledgePrivacyResetRequest.SerializeToString,
+            dermafed_dot_v1_dot_admin__pb2.AcknowledgePrivacyResetResponse.FromString,
             options,
             channel_credentials,
             insecure,
