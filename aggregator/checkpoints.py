@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -119,6 +119,17 @@ class CheckpointStore:
     def path(self, cid: str) -> Path:
         """The final path of checkpoint ``cid`` (which may not exist)."""
         return self._file(cid)
+
+    def delete(self, cid: str) -> bool:
+        """Remove checkpoint ``cid``'s file; False when there was none."""
+        try:
+            self._file(cid).unlink()
+        except FileNotFoundError:
+            return False
+        with self._lock:
+            self._verified.discard(cid)
+        self._sync_dir()
+        return True
 
     def exists(self, cid: str) -> bool:
         return self._file(cid).is_file()
@@ -243,3 +254,18 @@ def _hash_handle(handle: BinaryIO) -> str:
     while block := handle.read(_HASH_BLOCK):
         digest.update(block)
     return digest.hexdigest()
+
+
+def checkpoints_to_prune(
+    newest_first: Sequence[str], protected: Collection[str], keep_last: int
+) -> list[str]:
+    """Which checkpoints retention removes: neither protected nor among the newest.
+
+    ``newest_first`` lists every stored checkpoint by creation, newest first;
+    ``protected`` holds what must stay whatever its age (every checkpoint ever published,
+    which a rollback can target). ``keep_last`` = 0 keeps everything.
+    """
+    if keep_last <= 0:
+        return []
+    others = [cid for cid in newest_first if cid not in protected]
+    return others[keep_last:]

@@ -67,6 +67,13 @@ class TlsSection:
 @dataclass(frozen=True)
 class StorageSection:
     state_dir: Path
+    # Checkpoint files kept besides every checkpoint ever published (which a rollback can
+    # target, so they are never removed): the newest N others, mostly rejected candidates
+    # kept for inspection. 0 keeps every file.
+    keep_checkpoints: int = 20
+
+    def validate(self) -> None:
+        require(self.keep_checkpoints >= 0, "storage.keep_checkpoints", "must be >= 0")
 
     @property
     def ledger_path(self) -> Path:

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 
-from aggregator.checkpoints import CheckpointStore
+from aggregator.checkpoints import CheckpointStore, checkpoints_to_prune
 from aggregator.config import AggregatorConfig
 from aggregator.domain import (
     CheckpointView,
@@ -1081,7 +1081,20 @@ class Coordinator:
         self._rounds_finished += 1
         self._last_finished_at = now
         self._last_outcome = outcome
+        self._prune_checkpoints_locked()
         self._cond.notify_all()
+
+    def _prune_checkpoints_locked(self) -> None:
+        """Apply storage.keep_checkpoints; the ledger keeps the records, not the bytes."""
+        keep = self.config.storage.keep_checkpoints
+        if keep <= 0:
+            return
+        protected = {p.checkpoint for p in self.ledger.publications()} | {self._published[0]}
+        stored = set(self.store.ids())
+        newest_first = [r.id for r in self.ledger.checkpoints(limit=1_000_000) if r.id in stored]
+        for cid in checkpoints_to_prune(newest_first, protected, keep):
+            if self.store.delete(cid):
+                log.info("retention: removed checkpoint %s (storage.keep_checkpoints)", cid[:12])
 
     def _checkpoint_metadata(self, round_number: int, parent: str) -> dict[str, str]:
         meta = dict(self.model_config.to_metadata())

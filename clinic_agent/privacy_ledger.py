@@ -234,6 +234,13 @@ class PrivacyLedger:
         """Re-read and check the chain and the marker; return the number of entries."""
         return len(self._load().entries)
 
+    def snapshot(self) -> tuple[bytes, bytes, int]:
+        """The ledger's and the marker's bytes, read together under the writer's lock and
+        verified; with the number of entries. What a backup copies."""
+        with self._locked():
+            count = len(self._load().entries)
+            return self.path.read_bytes(), self.marker_path.read_bytes(), count
+
     def spent_epsilon(self, accountant: str = "rdp", delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default: the smallest δ any entry used)."""
         entries = self.entries()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from common.errors import DermafedError
 from dermafed.runtime_versions import installed_mismatch
@@ -21,6 +22,7 @@ def _add_daemon_commands(sub: argparse._SubParsersAction) -> None:
     serve = agg_sub.add_parser("serve", help="serve the federation until SIGTERM")
     serve.add_argument("--config", required=True, help="aggregator TOML file")
     serve.set_defaults(func=_aggregator_serve)
+    _add_backup_commands(agg_sub, "aggregator", "the ledger and its checkpoints")
 
     agent = sub.add_parser("agent", help="run a clinic agent")
     agent_sub = agent.add_subparsers(dest="action", required=True)
@@ -33,11 +35,70 @@ def _add_daemon_commands(sub: argparse._SubParsersAction) -> None:
     privacy.add_argument("--config", required=True, help="clinic TOML file")
     privacy.add_argument("--json", action="store_true")
     privacy.set_defaults(func=_agent_privacy)
+    _add_backup_commands(agent_sub, "agent", "the clinic's privacy ledger")
+
+
+def _add_backup_commands(sub: argparse._SubParsersAction, role: str, what: str) -> None:
+    config = "aggregator TOML file" if role == "aggregator" else "clinic TOML file"
+    backup = sub.add_parser(
+        "backup", help=f"copy {what} to a new folder (consistent while the {role} runs)"
+    )
+    backup.add_argument("--config", required=True, help=config)
+    backup.add_argument("--out", required=True, type=Path, help="a new, empty folder")
+    backup.set_defaults(func=_backup, role=role)
+    restore = sub.add_parser(
+        "restore", help=f"put back {what} from a backup (never rolls privacy state back)"
+    )
+    restore.add_argument("--config", required=True, help=config)
+    restore.add_argument("--from", dest="source", required=True, type=Path, help="backup folder")
+    restore.set_defaults(func=_restore, role=role)
+
+
+def _backup(args: argparse.Namespace) -> int:
+    if args.role == "aggregator":
+        from aggregator import backup as agg_backup
+        from aggregator.config import load_aggregator_config
+
+        manifest = agg_backup.backup(load_aggregator_config(args.config).storage, args.out)
+        print(
+            f"backed up the ledger (round {manifest['last_round']}) and "
+            f"{len(manifest['checkpoints'])} checkpoint(s) to {args.out}"
+        )
+    else:
+        from clinic_agent import backup as agent_backup
+        from clinic_agent.config import load_clinic_config
+
+        manifest = agent_backup.backup(load_clinic_config(args.config).storage, args.out)
+        print(
+            f"backed up the privacy ledger ({manifest['entries']} charged round(s), "
+            f"epsilon {manifest['epsilon_spent']:.3f}) to {args.out}"
+        )
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    if args.role == "aggregator":
+        from aggregator import backup as agg_backup
+        from aggregator.config import load_aggregator_config
+
+        manifest = agg_backup.restore(load_aggregator_config(args.config).storage, args.source)
+        print(
+            f"restored the ledger (round {manifest['last_round']}) and "
+            f"{len(manifest['checkpoints'])} checkpoint(s) from {args.source}"
+        )
+    else:
+        from clinic_agent import backup as agent_backup
+        from clinic_agent.config import load_clinic_config
+
+        manifest = agent_backup.restore(load_clinic_config(args.config).storage, args.source)
+        print(
+            f"restored the privacy ledger ({manifest['entries']} charged round(s), "
+            f"epsilon {manifest['epsilon_spent']:.3f}) from {args.source}"
+        )
+    return 0
 
 
 def _aggregator_serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from aggregator.config import load_aggregator_config
     from aggregator.server import serve_forever
     from common.logs import setup_logging
@@ -48,8 +109,6 @@ def _aggregator_serve(args: argparse.Namespace) -> int:
 
 
 def _agent_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from clinic_agent.config import load_clinic_config
     from clinic_agent.service import run_agent_forever
     from common.logs import setup_logging
