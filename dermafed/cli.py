@@ -125,7 +125,7 @@ def _agent_privacy(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dermafed import cli_admin, cli_data, cli_demo, cli_pki, cli_report
+    from dermafed import cli_admin, cli_config, cli_data, cli_demo, cli_pki, cli_report
 
     parser = argparse.ArgumentParser(
         prog="dermafed",
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_pki.register(sub)
     _add_daemon_commands(sub)
     cli_admin.register(sub)
+    cli_config.register(sub)
     cli_data.register(sub)
     cli_report.register(sub)
     return parser
