@@ -166,6 +166,10 @@ def _validate_days(days: int) -> int:
 # atomic_write and fsync_dir live in common.fsutil (shared with the stores).
 
 
+# Where the CLI reads the CA key's passphrase from when it is not asked in a terminal.
+PASSPHRASE_ENV = "DERMAFED_CA_PASSPHRASE"
+
+
 def _write_new_secret(path: Path, data: bytes) -> None:
     """Create ``path`` 0600 with O_EXCL: refuses to overwrite, never world-readable."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -192,11 +196,14 @@ def _ca_lock(ca_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
     return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
 
 
@@ -207,16 +214,21 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 # --------------------------------------------------------------------------- loading
 
 
-def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """Load an unencrypted PEM EC P-256 private key."""
+def load_private_key(path: Path, passphrase: bytes | None = None) -> ec.EllipticCurvePrivateKey:
+    """Load a PEM EC P-256 private key (encrypted only where ``passphrase`` is given)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise PkiError(f"cannot read private key {path}: {exc.strerror or exc}") from None
+    encrypted = b"ENCRYPTED PRIVATE KEY" in data
+    if encrypted and not passphrase:
+        raise PkiError(f"{path} is encrypted: set {PASSPHRASE_ENV} or run in a terminal")
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
     except (ValueError, TypeError) as exc:
-        raise PkiError(f"{path} is not an unencrypted PEM private key: {exc}") from None
+        if encrypted:
+            raise PkiError(f"{path}: wrong passphrase") from None
+        raise PkiError(f"{path} is not a PEM private key: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise PkiError(f"{path}: expected an EC P-256 private key")
     return key
@@ -255,7 +267,9 @@ def federation_of_ca(ca_cert: x509.Certificate) -> str:
     return feds[0]
 
 
-def _require_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _require_ca(
+    ca_dir: Path, passphrase: bytes | None = None
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     ca_dir = Path(ca_dir)
     cert_path, key_path = ca_dir / CA_CERT_FILE, ca_dir / CA_KEY_FILE
     if not cert_path.is_file() or not key_path.is_file():
@@ -264,7 +278,7 @@ def _require_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
             "run 'dermafed pki init' first"
         )
     cert = load_certificate(cert_path)
-    key = load_private_key(key_path)
+    key = load_private_key(key_path, passphrase)
     if not _same_public_key(cert, key):
         raise PkiError(f"{key_path} does not match {cert_path}")
     return cert, key
@@ -391,8 +405,12 @@ def init_ca(
     *,
     valid_days: int = 3650,
     now: datetime | None = None,
+    passphrase: bytes | None = None,
 ) -> Path:
     """Create the federation CA in ``out`` and return the path of ``ca.crt``.
+
+    With ``passphrase`` the CA key is stored encrypted (PKCS#8, the best scheme the
+    library offers); every later operation that signs then needs the passphrase.
 
     Refuses to touch a directory that already holds a CA key: overwriting it would
     orphan every certificate of the federation.
@@ -448,7 +466,7 @@ def init_ca(
 
     # The key goes first and with O_EXCL: if two inits race, one of them fails here.
     try:
-        _write_new_secret(key_path, _key_pem(key))
+        _write_new_secret(key_path, _key_pem(key, passphrase))
     except FileExistsError:
         raise PkiError(f"a CA already exists in {out}; refusing to overwrite it") from None
     atomic_write(cert_path, _cert_pem(cert), mode=0o644)
@@ -484,14 +502,50 @@ def issue(
     valid_days: int = 397,
     now: datetime | None = None,
     replace: bool = False,
+    passphrase: bytes | None = None,
 ) -> IssuedCert:
-    """Issue a leaf certificate for ``name`` acting as ``role``; write it to ``out``.
+    """Issue a leaf certificate and a new key for ``name`` acting as ``role``, into ``out``.
 
     Refuses when ``out`` already holds a key or certificate for ``name``: overwriting
     would destroy a key in use and leave its certificate valid. Rotation is
     :func:`renew`; ``replace=True`` writes the new files over the old ones atomically (a
-    server watching them picks them up) and leaves the old certificate valid.
+    server watching them picks them up) and leaves the old certificate valid. Where the
+    key must never leave the peer's machine, use :func:`request` there and :func:`sign_request`
+    at the CA instead.
     """
+    key = ec.generate_private_key(ec.SECP256R1())
+    return _issue_leaf(
+        ca_dir,
+        role,
+        name,
+        out,
+        public_key=key.public_key(),
+        key_pem=_key_pem(key),
+        dns=dns,
+        ips=ips,
+        valid_days=valid_days,
+        now=now,
+        replace=replace,
+        passphrase=passphrase,
+    )
+
+
+def _issue_leaf(
+    ca_dir: Path,
+    role: str,
+    name: str,
+    out: Path,
+    *,
+    public_key: ec.EllipticCurvePublicKey,
+    key_pem: bytes | None,
+    dns: Sequence[str],
+    ips: Sequence[str],
+    valid_days: int,
+    now: datetime | None,
+    replace: bool,
+    passphrase: bytes | None = None,
+) -> IssuedCert:
+    """Sign a certificate for ``public_key``, record it, and write it (with ``key_pem``)."""
     validate_role(role)
     validate_name(name, f"{role} name")
     if name == "ca":
@@ -502,7 +556,7 @@ def issue(
     now = _utc_now(now)
     ca_dir, out = Path(ca_dir), Path(out)
 
-    ca_cert, ca_key = _require_ca(ca_dir)
+    ca_cert, ca_key = _require_ca(ca_dir, passphrase)
     federation = federation_of_ca(ca_cert)
     if not ca_cert.not_valid_before_utc <= now < ca_cert.not_valid_after_utc:
         raise PkiError(
@@ -523,11 +577,11 @@ def issue(
     if role == "aggregator":
         ekus.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
 
-    key = ec.generate_private_key(ec.SECP256R1())
     out.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out / f"{name}.crt", out / f"{name}.key"
     with _ca_lock(ca_dir):
-        existing = [p.name for p in (key_path, cert_path) if p.exists()]
+        ours = (key_path, cert_path) if key_pem is not None else (cert_path,)
+        existing = [p.name for p in ours if p.exists()]
         if existing and not replace:
             raise PkiError(
                 f"{out} already holds {' and '.join(existing)}; refusing to overwrite "
@@ -548,7 +602,7 @@ def issue(
                 )
             )
             .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(serial)
             .not_valid_before(not_before)
             .not_valid_after(not_after)
@@ -569,9 +623,7 @@ def issue(
             )
             .add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                 critical=False,
@@ -580,7 +632,8 @@ def issue(
         )
         # Key before certificate: a watcher that sees the new certificate also finds its
         # key (and one that sees a mismatched pair keeps the old one, see common.tls).
-        atomic_write(key_path, _key_pem(key), mode=0o600)
+        if key_pem is not None:
+            atomic_write(key_path, key_pem, mode=0o600)
         atomic_write(cert_path, _cert_pem(cert), mode=0o644)
         if out.resolve() != ca_dir.resolve():
             atomic_write(out / CA_CERT_FILE, (ca_dir / CA_CERT_FILE).read_bytes(), mode=0o644)
@@ -609,6 +662,112 @@ def issue(
     )
 
 
+def request(
+    federation: str,
+    role: str,
+    name: str,
+    out: Path,
+    *,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+) -> tuple[Path, Path]:
+    """At the peer: a new key (``out/<name>.key``, 0600) and a CSR for it (``<name>.csr``).
+
+    The key never leaves ``out``; only the CSR goes to the CA operator, who signs it with
+    :func:`sign_request`. Refuses to overwrite an existing key.
+    """
+    validate_name(federation, "federation name")
+    validate_role(role)
+    validate_name(name, f"{role} name")
+    if name == "ca":
+        raise PkiError("the name 'ca' is reserved (it would clash with ca.crt / ca.key)")
+    sans: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(peer_uri(federation, role, name))
+    ]
+    sans += [x509.DNSName(_validate_dns(d)) for d in dns]
+    sans += [x509.IPAddress(_validate_ip(i)) for i in ips]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path, csr_path = out / f"{name}.key", out / f"{name}.csr"
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"dermafed {federation}"),
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                ]
+            )
+        )
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    try:
+        _write_new_secret(key_path, _key_pem(key))
+    except FileExistsError:
+        raise PkiError(f"{key_path} exists; refusing to overwrite a key") from None
+    atomic_write(csr_path, csr.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return key_path, csr_path
+
+
+def sign_request(
+    ca_dir: Path,
+    csr_path: Path,
+    out: Path,
+    *,
+    role: str,
+    name: str,
+    valid_days: int = 397,
+    now: datetime | None = None,
+    passphrase: bytes | None = None,
+) -> IssuedCert:
+    """At the CA: a certificate for the key in a CSR, written to ``out/<name>.crt``.
+
+    The operator states the ``role`` and ``name`` they mean to certify; a CSR asking for
+    anything else, for another federation, or whose signature does not verify (the
+    requester does not hold the key) is refused. Only the CSR's public key and its DNS/IP
+    names are used; every other field of the certificate is the CA's own.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(Path(csr_path).read_bytes())
+    except OSError as exc:
+        raise PkiError(f"cannot read {csr_path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise PkiError(f"{csr_path} is not a PEM certificate request: {exc}") from None
+    if not csr.is_signature_valid:
+        raise PkiError(f"{csr_path}: the request's signature does not verify")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+        public_key.curve, ec.SECP256R1
+    ):
+        raise PkiError(f"{csr_path}: expected an EC P-256 key")
+    try:
+        sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise PkiError(f"{csr_path} names no identity (no subject alternative name)") from None
+    ca_cert, _ = _require_ca(Path(ca_dir), passphrase)
+    wanted = peer_uri(federation_of_ca(ca_cert), validate_role(role), validate_name(name))
+    asked = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    if asked != [wanted]:
+        raise PkiError(f"{csr_path} asks for {', '.join(asked) or 'no identity'}, not {wanted}")
+    return _issue_leaf(
+        ca_dir,
+        role,
+        name,
+        out,
+        public_key=public_key,
+        key_pem=None,
+        dns=sans.get_values_for_type(x509.DNSName),
+        ips=[str(ip) for ip in sans.get_values_for_type(x509.IPAddress)],
+        valid_days=valid_days,
+        now=now,
+        replace=False,
+        passphrase=passphrase,
+    )
+
+
 def renew(
     ca_dir: Path,
     role: str,
@@ -617,6 +776,7 @@ def renew(
     *,
     valid_days: int = 397,
     now: datetime | None = None,
+    passphrase: bytes | None = None,
 ) -> tuple[IssuedCert, int]:
     """Rotate the certificate of ``name`` in ``out``; returns the new one and the old serial.
 
@@ -628,7 +788,7 @@ def renew(
     if not cert_path.exists():
         raise PkiError(f"no certificate for {name!r} in {out} to renew; use 'pki issue'")
     old = load_certificate(cert_path)
-    ca_cert, _ = _require_ca(ca_dir)
+    ca_cert, _ = _require_ca(ca_dir, passphrase)
     wanted = peer_uri(federation_of_ca(ca_cert), validate_role(role), name)
     try:
         # The signature, not the issuer name: a foreign CA can carry the same name.
@@ -649,8 +809,9 @@ def renew(
         valid_days=valid_days,
         now=now,
         replace=True,
+        passphrase=passphrase,
     )
-    revoke(ca_dir, serial=old.serial_number, now=now)
+    revoke(ca_dir, serial=old.serial_number, now=now, passphrase=passphrase)
     return new, old.serial_number
 
 
@@ -661,6 +822,7 @@ def revoke(
     name: str | None = None,
     role: str | None = None,
     now: datetime | None = None,
+    passphrase: bytes | None = None,
 ) -> list[int]:
     """Revoke one serial, or every unrevoked certificate of ``name`` (optionally of one role).
 
@@ -673,7 +835,7 @@ def revoke(
         validate_role(role)
     now = _utc_now(now)
     ca_dir = Path(ca_dir)
-    ca_cert, ca_key = _require_ca(ca_dir)
+    ca_cert, ca_key = _require_ca(ca_dir, passphrase)
     with _ca_lock(ca_dir):
         registry = _read_registry(ca_dir)
         entries: list[dict[str, Any]] = registry["certificates"]

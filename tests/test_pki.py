@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import stat
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pki_fixtures import FederationPKI, make_federation
 
@@ -367,7 +369,7 @@ def test_peer_signature_rejects_every_forgery(fed: FederationPKI) -> None:
 
 def test_load_private_key_rejects_non_keys(tmp_path: Path) -> None:
     (tmp_path / "x.key").write_text("not a key")
-    with pytest.raises(pki.PkiError, match="not an unencrypted PEM private key"):
+    with pytest.raises(pki.PkiError, match="is not a PEM private key"):
         pki.load_private_key(tmp_path / "x.key")
     with pytest.raises(pki.PkiError, match="cannot read"):
         pki.load_private_key(tmp_path / "missing.key")
@@ -470,3 +472,114 @@ def test_cli_argument_errors_are_argparse_usage_errors(capsys: pytest.CaptureFix
         _cli("pki", "revoke", "--ca", "x", "--serial", "1", "--name", "y")
     assert info.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_csr_enrolment_keeps_the_key_at_the_clinic(own_fed: FederationPKI, tmp_path: Path) -> None:
+    clinic_dir, ca_out = tmp_path / "at-clinic", tmp_path / "from-ca"
+    key, csr = pki.request(own_fed.federation, "clinic", "clinic-graz", clinic_dir)
+    assert _mode(key) == 0o600
+    issued = pki.sign_request(own_fed.ca_dir, csr, ca_out, role="clinic", name="clinic-graz")
+    assert not list(ca_out.glob("*.key")), "the CA side never holds the clinic's key"
+    cert = pki.load_certificate(issued.cert_path)
+    assert pki.uri_sans(cert) == [f"spiffe://{own_fed.federation}/clinic/clinic-graz"]
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert cert.public_key().public_bytes(*spki) == pki.load_private_key(
+        key
+    ).public_key().public_bytes(*spki)
+    cert.verify_directly_issued_by(pki.load_certificate(own_fed.ca_cert))
+    assert issued.serial in {r.serial for r in pki.list_issued(own_fed.ca_dir)}
+    with pytest.raises(pki.PkiError, match="refusing to overwrite a key"):
+        pki.request(own_fed.federation, "clinic", "clinic-graz", clinic_dir)
+
+
+def test_sign_refuses_requests_for_another_identity_or_federation(
+    own_fed: FederationPKI, tmp_path: Path
+) -> None:
+    _, csr = pki.request(own_fed.federation, "admin", "mallory", tmp_path / "m")
+    # The operator means to certify a clinic; the request asks for an admin.
+    with pytest.raises(pki.PkiError, match=r"asks for .*admin/mallory, not .*clinic/mallory"):
+        pki.sign_request(own_fed.ca_dir, csr, tmp_path / "o", role="clinic", name="mallory")
+    _, foreign = pki.request("otherfed", "clinic", "c1", tmp_path / "f")
+    with pytest.raises(pki.PkiError, match="spiffe://otherfed/clinic/c1"):
+        pki.sign_request(own_fed.ca_dir, foreign, tmp_path / "o", role="clinic", name="c1")
+    # A request whose signature does not match its key (edited after signing).
+    tampered = tmp_path / "t.csr"
+    pem = csr.read_bytes()
+    der = x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER)
+    broken = bytearray(der)
+    broken[-5] ^= 0x01
+    tampered.write_bytes(
+        b"-----BEGIN CERTIFICATE REQUEST-----\n"
+        + base64.encodebytes(bytes(broken))
+        + b"-----END CERTIFICATE REQUEST-----\n"
+    )
+    with pytest.raises(pki.PkiError, match=r"signature does not verify|not a PEM"):
+        pki.sign_request(own_fed.ca_dir, tampered, tmp_path / "o", role="admin", name="mallory")
+    assert (
+        _cli(
+            "pki",
+            "sign",
+            "--ca",
+            str(own_fed.ca_dir),
+            "--csr",
+            str(tmp_path / "nope.csr"),
+            "--role",
+            "clinic",
+            "--name",
+            "x",
+            "--out",
+            str(tmp_path / "o"),
+        )
+        == 2
+    )
+
+
+def test_an_encrypted_ca_key_signs_only_with_its_passphrase(tmp_path: Path, monkeypatch) -> None:
+    secret = b"correct horse battery staple"
+    ca = tmp_path / "ca"
+    pki.init_ca("fed", ca, passphrase=secret)
+    assert b"ENCRYPTED PRIVATE KEY" in (ca / "ca.key").read_bytes()
+    with pytest.raises(pki.PkiError, match="is encrypted: set DERMAFED_CA_PASSPHRASE"):
+        pki.issue(ca, "clinic", "c1", tmp_path / "c1")
+    with pytest.raises(pki.PkiError, match="wrong passphrase"):
+        pki.issue(ca, "clinic", "c1", tmp_path / "c1", passphrase=b"nope nope nope")
+    issued = pki.issue(ca, "clinic", "c1", tmp_path / "c1", passphrase=secret)
+    assert pki.revoke(ca, serial=issued.serial, passphrase=secret) == [issued.serial]
+
+    # The CLI takes it from the environment (no terminal here) and says how when missing.
+    monkeypatch.delenv("DERMAFED_CA_PASSPHRASE", raising=False)
+    assert (
+        _cli(
+            "pki",
+            "issue",
+            "--role",
+            "clinic",
+            "--name",
+            "c2",
+            "--ca",
+            str(ca),
+            "--out",
+            str(tmp_path / "c2"),
+        )
+        == 2
+    )
+    monkeypatch.setenv("DERMAFED_CA_PASSPHRASE", secret.decode())
+    assert (
+        _cli(
+            "pki",
+            "issue",
+            "--role",
+            "clinic",
+            "--name",
+            "c2",
+            "--ca",
+            str(ca),
+            "--out",
+            str(tmp_path / "c2"),
+        )
+        == 0
+    )
+    monkeypatch.setenv("DERMAFED_CA_PASSPHRASE", "short")
+    assert (
+        _cli("pki", "init", "--federation", "f2", "--out", str(tmp_path / "ca2"), "--encrypt") == 2
+    )
