@@ -58,6 +58,7 @@ from common.errors import (
     InvalidUpdateError,
     NotFoundError,
     PreconditionError,
+    PrivacyResetError,
     StaleRoundError,
 )
 from common.model import ModelConfig, build_model, initial_state
@@ -288,7 +289,7 @@ class Coordinator:
             )
         self._privacy_blocked[clinic] = report.epsilon_spent
         self.metrics.clinic_privacy_reset.labels(clinic=clinic).set(1)
-        raise PreconditionError(
+        raise PrivacyResetError(
             f"clinic {clinic} reports epsilon spent {report.epsilon_spent:.4g}, below the "
             f"{floor:.4g} it reported before: its privacy ledger was reset or replaced. Restore "
             f"it, or have an admin run 'dermafed admin ack-privacy-reset {clinic} --reason ...'"

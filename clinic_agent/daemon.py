@@ -34,6 +34,7 @@ from common.datasets import (
     public_class_weights,
     public_logit_offsets,
 )
+from common.errors import PRIVACY_RESET, REFUSAL_KEY, PrivacyResetError
 from common.features import FeatureCache
 from common.fsutil import StateDirLock, atomic_write
 from common.identity import identity_from_certificate
@@ -104,6 +105,12 @@ class ClinicAgent:
                 task = self.client.poll(self.last_round, net.poll_wait_s, self.privacy_report())
             except grpc.RpcError as exc:
                 self.metrics.connected.set(0)
+                if _is_privacy_reset_refusal(exc):
+                    # This identity has spent more than this ledger says (a new state_dir,
+                    # an old backup): training on it would spend that budget again.
+                    raise PrivacyResetError(
+                        f"refusing to run: {exc.details()}; then start the agent again"
+                    ) from None
                 delay = backoff.next_delay()
                 level = logging.INFO if exc.code() in RETRYABLE else logging.ERROR
                 log.log(
@@ -453,3 +460,9 @@ class ClinicAgent:
         images = self.images.load(records, model_cfg.input_size)
         labels = np.array([r.label for r in records], dtype=np.int64)
         return images, labels
+
+
+def _is_privacy_reset_refusal(exc: grpc.RpcError) -> bool:
+    trailing = getattr(exc, "trailing_metadata", None)
+    metadata = trailing() if callable(trailing) else None
+    return any(key == REFUSAL_KEY and value == PRIVACY_RESET for key, value in metadata or ())

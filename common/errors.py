@@ -43,6 +43,19 @@ class PreconditionError(DermafedError):
     """The federation is not in a state where the request makes sense."""
 
 
+class PrivacyResetError(PreconditionError):
+    """A clinic reported less epsilon spent than before: its privacy ledger was reset.
+
+    The aggregator marks this refusal in the call's trailing metadata
+    (``REFUSAL_KEY: PRIVACY_RESET``) so the agent can tell it from other preconditions and
+    stop instead of retrying.
+    """
+
+
+REFUSAL_KEY = "dermafed-refusal"
+PRIVACY_RESET = "privacy-reset"
+
+
 class PayloadTooLargeError(DermafedError):
     """An upload exceeded its declared or configured size."""
 

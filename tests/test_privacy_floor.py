@@ -10,7 +10,9 @@ was restored) or an admin acknowledges the reset with a reason, which is audited
 
 from __future__ import annotations
 
-from dataclasses import replace
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,6 +20,7 @@ from federation_harness import CLINICS, Federation, code_of, raw_clinics
 
 from aggregator.config import PlanSection, RoundsSection
 from common.tls import channel_credentials, secure_channel
+from dermafed.demo import write_toml
 from dermafed.v1 import admin_pb2, admin_pb2_grpc, federation_pb2
 
 
@@ -135,7 +138,9 @@ def test_restoring_the_right_ledger_lifts_the_refusal_by_itself(federation: Fede
     assert "clinic-a" in federation.service.coordinator.status().connected
 
 
-def test_a_real_agent_restarted_with_a_fresh_state_dir_is_refused(federation: Federation):
+def test_a_real_agent_restarted_with_a_fresh_state_dir_stops_and_says_why(
+    federation: Federation, tmp_path: Path
+):
     cfg = federation.aggregator_config(
         rounds=RoundsSection(min_clinics=2, start_when_connected=3, max_rounds=1),
         plan=PlanSection(local_epochs=1, batch_size=8),
@@ -154,14 +159,39 @@ def test_a_real_agent_restarted_with_a_fresh_state_dir_is_refused(federation: Fe
     )
     spent = service.ledger.privacy_floors()["clinic-a"]
     assert spent > 0
-
     federation.agents.pop("clinic-a").stop()
-    fresh = federation.clinic_config("clinic-a")
-    fresh = replace(
-        fresh, storage=replace(fresh.storage, state_dir=federation.tmp / "clinic-a-new-state")
+
+    # The same certificate, a new state_dir: an empty privacy ledger.
+    pki = federation.pki
+    clinic_toml = tmp_path / "clinic-a.toml"
+    write_toml(
+        clinic_toml,
+        {
+            "federation": pki.federation,
+            "aggregator": {"address": f"localhost:{service.port}"},
+            "tls": {
+                "ca_cert": pki.ca_cert,
+                "cert": pki.clinics["clinic-a"].cert,
+                "key": pki.clinics["clinic-a"].key,
+            },
+            "data": {"path": federation.shards["clinic-a"]},
+            "storage": {"state_dir": tmp_path / "clinic-a-new-state"},
+            "network": {"poll_wait_s": 1.0},
+        },
     )
-    federation.start_agent("clinic-a", fresh)
-    assert coord.wait_until(lambda: _reset_gauge(federation, "clinic-a") == 1, 30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dermafed.cli", "agent", "run", "--config", str(clinic_toml)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dermafed: error: refusing to run: clinic clinic-a reports epsilon")
+    assert "ack-privacy-reset clinic-a" in last and "then start the agent again" in last
+    assert "Traceback" not in proc.stderr
+    assert _reset_gauge(federation, "clinic-a") == 1
     assert "clinic-a" not in coord.status().connected
     row = next(v for v in coord.list_clinics() if v.clinic == "clinic-a")
     assert row.privacy_reset and row.epsilon_floor == pytest.approx(spent)
