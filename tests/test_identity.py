@@ -457,7 +457,13 @@ def test_server_certificate_rotates_without_restart(own_fed: FederationPKI, tmp_
 
             # Rotate to a good certificate: new connections work again.
             good = pki.issue(
-                own_fed.ca_dir, "aggregator", "server", live, dns=("localhost",), ips=("127.0.0.1",)
+                own_fed.ca_dir,
+                "aggregator",
+                "server",
+                live,
+                dns=("localhost",),
+                ips=("127.0.0.1",),
+                replace=True,  # in place, over the files the server watches
             )
             assert good.cert_path == live / "server.crt"
             assert _call(srv.target, a, own_fed.ca_cert) == a.uri
