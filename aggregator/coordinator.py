@@ -80,6 +80,11 @@ from common.tensors import (
     unflatten,
 )
 
+# Privacy reports whose epsilon comes from the clinic's ledger. "off" (no DP, nothing to
+# account) and "ledger_error" (the ledger failed its check; the clinic declines every round)
+# report 0 without meaning that nothing was spent, so they neither raise nor test the floor.
+ACCOUNTED_STATUSES = frozenset({"dp-sgd", "exhausted"})
+
 log = logging.getLogger("dermafed.aggregator")
 
 # Declines carry a machine-readable reason; anything else is folded into "other" so a
@@ -267,7 +272,11 @@ class Coordinator:
         restored) or an admin acknowledges the reset with a reason.
         """
         floor = self._privacy_floors.get(clinic)
-        if floor is None or report.epsilon_spent >= floor * (1.0 - 1e-9):
+        if (
+            floor is None
+            or report.status not in ACCOUNTED_STATUSES
+            or report.epsilon_spent >= floor * (1.0 - 1e-9)
+        ):
             if self._privacy_blocked.pop(clinic, None) is not None:
                 log.info("clinic %s reports epsilon %.4g again; no longer refused", clinic, floor)
                 self.metrics.clinic_privacy_reset.labels(clinic=clinic).set(0)
@@ -322,7 +331,8 @@ class Coordinator:
         return previous, reported
 
     def _record_privacy_locked(self, clinic: str, report: PrivacyReport) -> None:
-        if report.epsilon_spent > self._privacy_floors.get(clinic, -1.0):
+        accounted = report.status in ACCOUNTED_STATUSES
+        if accounted and report.epsilon_spent > self._privacy_floors.get(clinic, -1.0):
             self.ledger.raise_privacy_floor(clinic, report.epsilon_spent, self._clock())
             self._privacy_floors[clinic] = report.epsilon_spent
         info = self._clinics[clinic]

@@ -195,3 +195,19 @@ def test_a_real_agent_restarted_with_a_fresh_state_dir_stops_and_says_why(
     assert "clinic-a" not in coord.status().connected
     row = next(v for v in coord.list_clinics() if v.clinic == "clinic-a")
     assert row.privacy_reset and row.epsilon_floor == pytest.approx(spent)
+
+
+@pytest.mark.parametrize("status", ["off", "ledger_error"])
+def test_reports_without_accounting_neither_trip_nor_move_the_floor(
+    federation: Federation, status: str
+):
+    federation.start_aggregator(
+        federation.aggregator_config(rounds=RoundsSection(start_when_connected=9))
+    )
+    stub = raw_clinics(federation, ["clinic-a"])["clinic-a"]
+    _poll(stub, 4.0)
+    report = federation_pb2.PrivacyReport(status=status, epsilon_spent=0.0)
+    stub.Poll(federation_pb2.PollRequest(wait_ms=0, privacy=report), timeout=10)
+    assert federation.service is not None
+    assert federation.service.ledger.privacy_floors() == {"clinic-a": 4.0}
+    assert code_of(lambda: _poll(stub, 1.0)) == grpc.StatusCode.FAILED_PRECONDITION
