@@ -30,7 +30,7 @@ from aggregator.validation import HoldoutEvaluator
 from common import systemd
 from common.config import parse_hostport
 from common.fsutil import StateDirLock
-from common.identity import PeerAuthenticator, RevocationList
+from common.identity import PeerAuthenticator, RevocationList, own_identity
 from common.listen import EXCLUSIVE_PORT, bind_grpc, start_metrics_server
 from common.pki import certificate_expiry_reader, load_certificate
 from common.tls import SERVER_GRPC_OPTIONS, merge_options, server_credentials
@@ -105,6 +105,13 @@ def _build_service(
     start_rounds: bool,
     state_lock: StateDirLock,
 ) -> AggregatorService:
+    # Before the ledger: a misconfigured aggregator changes nothing on disk.
+    own_identity(
+        load_certificate(config.tls.cert),
+        config.federation,
+        "aggregator",
+        f"tls.cert {config.tls.cert}",
+    )
     metrics = AggregatorMetrics(registry)
     ledger = Ledger(config.storage.ledger_path)
     ledger.integrity_check()

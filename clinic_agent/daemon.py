@@ -37,7 +37,7 @@ from common.datasets import (
 from common.errors import PRIVACY_RESET, REFUSAL_KEY, PrivacyResetError
 from common.features import FeatureCache
 from common.fsutil import StateDirLock, atomic_write
-from common.identity import identity_from_certificate
+from common.identity import identity_from_certificate, own_identity
 from common.model import ModelConfig, build_model
 from common.pki import certificate_expiry_reader, load_certificate
 from common.tensors import flatten, in_order, load_checkpoint_bytes, specs_of
@@ -61,11 +61,9 @@ class ClinicAgent:
         self.stop_event = stop or threading.Event()
         self._rng = rng or random.Random()
         cert = load_certificate(config.tls.cert)
-        self.identity = identity_from_certificate(cert, config.federation)
-        if self.identity.role != "clinic":
-            raise ValueError(
-                f"{config.tls.cert} is a {self.identity.role} certificate, not a clinic certificate"
-            )
+        self.identity = own_identity(
+            cert, config.federation, "clinic", f"tls.cert {config.tls.cert}"
+        )
         self.clinic_id = self.identity.name
         metrics.certificate_expiry.set_function(certificate_expiry_reader(config.tls.cert))
         self.state_dir = config.storage.state_dir

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 import grpc
 from cryptography import x509
 
-from common.errors import DermafedError
+from common.errors import ConfigError, DermafedError
 from common.pki import ROLES, SPIFFE_SCHEME, format_serial, peer_uri, uri_sans, validate_name
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,25 @@ def identity_from_certificate(cert: x509.Certificate, federation: str) -> Identi
     except ValueError as exc:
         raise IdentityError(f"certificate URI SAN {uri!r}: {exc}") from None
     return Identity(federation=fed, role=role, name=name, serial=cert.serial_number)
+
+
+def own_identity(cert: x509.Certificate, federation: str, role: str, where: str) -> Identity:
+    """A daemon's own identity, checked at start: this federation and this role.
+
+    A daemon started with another federation's or another role's certificate would look
+    healthy and then refuse (or be refused by) every peer; this stops it with one line
+    naming the config key instead.
+    """
+    try:
+        identity = identity_from_certificate(cert, federation)
+    except IdentityError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if identity.role != role:
+        raise ConfigError(
+            f"{where} is the certificate of {identity.role} {identity.name!r}; this daemon "
+            f"needs one for role {role!r} in federation {federation!r}"
+        )
+    return identity
 
 
 # --------------------------------------------------------------------------- revocation

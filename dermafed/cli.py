@@ -8,12 +8,24 @@ message and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 from common.errors import DermafedError
 from dermafed.runtime_versions import installed_mismatch
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), for --version and metrics."""
+    try:
+        return metadata.version("dermafed")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _add_daemon_commands(sub: argparse._SubParsersAction) -> None:
@@ -132,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated skin-lesion classification with secure aggregation, "
         "differential privacy and a validation gate.",
     )
+    parser.add_argument("--version", action="version", version=f"dermafed {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_demo.register(sub)
     cli_pki.register(sub)
@@ -159,6 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`dermafed admin rounds | head`): not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -197,10 +197,13 @@ def _print_human(action: str, resp: Message) -> None:
             f"published          round {resp.published_round}, checkpoint "
             f"{resp.published_checkpoint[:16]}"
         )
-        print(
-            f"rounds finished    {resp.rounds_completed}"
-            + (f" of {resp.max_rounds}" if resp.max_rounds else "")
-        )
+        finished = f"rounds finished    {resp.rounds_completed}"
+        if resp.max_rounds and resp.rounds_completed >= resp.max_rounds:
+            # Rounds an admin triggers run past max_rounds, so the count can exceed it.
+            finished += f" (max_rounds {resp.max_rounds} reached; more only by 'trigger')"
+        elif resp.max_rounds:
+            finished += f" of max_rounds {resp.max_rounds}"
+        print(finished)
         print(f"connected clinics  {', '.join(resp.connected_clinics) or '-'}")
         if resp.HasField("next_round_at"):
             wait = resp.next_round_at - time.time()

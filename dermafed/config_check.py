@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from common.errors import DermafedError
-from common.identity import identity_from_certificate
+from common.identity import own_identity
 from common.pki import load_certificate, load_private_key
 
 # systemd's per-unit directories and where they live for a system service.
@@ -113,16 +113,11 @@ def check_tls(
     except (ValueError, TypeError, InvalidSignature):
         findings.append(Finding(False, f"{cert} is not signed by the CA in {ca_cert}"))
     try:
-        identity = identity_from_certificate(leaf, federation)
+        identity = own_identity(leaf, federation, role, str(cert))
     except DermafedError as exc:
-        findings.append(Finding(False, f"{cert}: {exc}"))
+        findings.append(Finding(False, str(exc)))
     else:
-        if identity.role != role:
-            findings.append(
-                Finding(False, f"{cert} is a {identity.role} certificate; this daemon needs {role}")
-            )
-        else:
-            findings.append(Finding(True, f"{cert} is {identity.uri}"))
+        findings.append(Finding(True, f"{cert} is {identity.uri}"))
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if leaf.public_key().public_bytes(*spki) != private.public_key().public_bytes(*spki):
         findings.append(Finding(False, f"{key} is not the key of {cert}"))

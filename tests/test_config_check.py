@@ -97,7 +97,10 @@ def test_tls_checks_name_the_wrong_role_federation_key_and_ca(fed: FederationPKI
         for f in check_tls(fed.ca_cert, clinic.cert, clinic.key, fed.federation, "aggregator")
         if not f.ok
     ]
-    assert wrong_role == [f"{clinic.cert} is a clinic certificate; this daemon needs aggregator"]
+    assert wrong_role == [
+        f"{clinic.cert} is the certificate of clinic 'clinic-a'; this daemon needs one for "
+        f"role 'aggregator' in federation '{fed.federation}'"
+    ]
 
 
 def test_the_cli_exits_1_and_names_each_problem(fed: FederationPKI, tmp_path: Path, capsys):
@@ -119,7 +122,7 @@ def test_the_cli_exits_1_and_names_each_problem(fed: FederationPKI, tmp_path: Pa
     code = main(["config", "check", "--role", "agent", "--config", str(cfg), "--unit", str(unit)])
     out = capsys.readouterr().out
     assert code == 1
-    assert "PROBLEM  " in out and "aggregator certificate; this daemon needs clinic" in out
+    assert "PROBLEM  " in out and "this daemon needs one for role 'clinic'" in out
     assert "/var/lib/dermafed-agent is read-only under dermafed-agent@.service" in out
     assert "use /var/lib/dermafed/agent-clinic-a" in out  # instance from the file name
 

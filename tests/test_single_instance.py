@@ -143,3 +143,92 @@ def test_the_cli_says_so_in_one_line(federation: Federation, tmp_path: Path):
     ]
     assert "Traceback" not in proc.stderr
     assert not (state / "ledger.sqlite").exists(), "refused before touching the ledger"
+
+
+def _serve(cfg_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dermafed.cli", "aggregator", "serve", "--config", str(cfg_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _aggregator_toml(path: Path, federation: Federation, state: Path, **tls: object) -> None:
+    pki = federation.pki
+    write_toml(
+        path,
+        {
+            "federation": pki.federation,
+            "server": {"listen": "127.0.0.1:0"},
+            "tls": {
+                "ca_cert": pki.ca_cert,
+                "cert": tls.get("cert", pki.aggregator.cert),
+                "key": tls.get("key", pki.aggregator.key),
+            },
+            "storage": {"state_dir": state},
+            "model": {"input_size": 32, "width": 8},
+        },
+    )
+
+
+def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dermafed")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_an_aggregator_with_a_clinic_certificate_stops_before_touching_its_state(
+    federation: Federation, tmp_path: Path
+):
+    clinic = federation.pki.clinics["clinic-a"]
+    cfg = tmp_path / "aggregator.toml"
+    state = tmp_path / "state"
+    _aggregator_toml(cfg, federation, state, cert=clinic.cert, key=clinic.key)
+    line = _one_error_line(_serve(cfg))
+    assert line == (
+        f"dermafed: error: tls.cert {clinic.cert} is the certificate of clinic 'clinic-a'; "
+        f"this daemon needs one for role 'aggregator' in federation '{federation.pki.federation}'"
+    )
+    assert not (state / "ledger.sqlite").exists()
+
+
+def test_a_state_dir_that_cannot_be_created_is_one_line(federation: Federation, tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cfg = tmp_path / "aggregator.toml"
+    _aggregator_toml(cfg, federation, blocker / "state")
+    line = _one_error_line(_serve(cfg))
+    assert line.startswith(f"dermafed: error: cannot use state_dir {blocker / 'state'}: ")
+
+
+def test_an_agent_with_an_admin_certificate_stops_with_one_line(
+    federation: Federation, tmp_path: Path
+):
+    pki = federation.pki
+    admin = pki.admins["alice"]
+    cfg = tmp_path / "agent.toml"
+    write_toml(
+        cfg,
+        {
+            "federation": pki.federation,
+            "aggregator": {"address": "localhost:1"},
+            "tls": {"ca_cert": pki.ca_cert, "cert": admin.cert, "key": admin.key},
+            "data": {"path": federation.shards["clinic-a"]},
+            "storage": {"state_dir": tmp_path / "agent-state"},
+        },
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dermafed.cli", "agent", "run", "--config", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    line = _one_error_line(proc)
+    assert "is the certificate of admin 'alice'; this daemon needs one for role 'clinic'" in line

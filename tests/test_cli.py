@@ -1,0 +1,60 @@
+"""The `dermafed` entry point: version, a reader that goes away, one line per error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from dermafed import cli_admin
+from dermafed.cli import main, version
+from dermafed.v1 import admin_pb2
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_version_is_the_installed_distributions(capsys):
+    try:
+        main(["--version"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    assert capsys.readouterr().out.strip() == f"dermafed {version()}"
+    assert version()[0].isdigit()
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path):
+    # `dermafed ... | head -1`: the pipe closes while the CLI is still writing. A CA with
+    # many certificates makes `pki list` write more than a pipe holds.
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from common import pki\n"
+        "d = Path(sys.argv[1])\n"
+        "pki.init_ca('fed', d)\n"
+        "for i in range(600):\n"
+        "    pki.issue(d, 'clinic', f'c{i}', d / 'out' / f'c{i}')\n"
+    )
+    ca = str(tmp_path / "ca")
+    subprocess.run([sys.executable, "-c", code, ca], cwd=REPO, check=True, timeout=300)
+    cmd = [sys.executable, "-m", "dermafed.cli", "pki", "list", "--ca", ca]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does after one line
+    err = proc.stderr.read()
+    proc.wait(60)
+    assert first.startswith("SERIAL")
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode in (0, 141)
+
+
+def test_status_never_says_more_rounds_finished_than_the_maximum(capsys):
+    over = admin_pb2.GetStatusResponse(federation="f", rounds_completed=5, max_rounds=2)
+    cli_admin._print_human("status", over)
+    out = capsys.readouterr().out
+    assert "rounds finished    5 (max_rounds 2 reached; more only by 'trigger')" in out
+    under = admin_pb2.GetStatusResponse(federation="f", rounds_completed=1, max_rounds=2)
+    cli_admin._print_human("status", under)
+    assert "rounds finished    1 of max_rounds 2" in capsys.readouterr().out
