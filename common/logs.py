@@ -26,15 +26,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """``2026-12-07T14:05:22.123Z INFO dermafed.aggregator: ...``: ISO 8601 in UTC with the
+    zone, so lines from hosts in different time zones (and across midnight) line up."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+
 def setup_logging(level: str = "INFO", *, json_lines: bool = False, prefix: str = "") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter(
-                f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"
-            )
+            TextFormatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
