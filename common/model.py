@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.architectures import ARCHITECTURES
 from common.errors import ConfigError
 from common.scattering import ScatteringFrontend
 
 METADATA_KEY = "dermafed.model"
-ARCHITECTURES: tuple[str, ...] = ("lesionres", "lesionnet", "scatternet")
 
 # Per-channel mean and standard deviation of uint8 RGB pixels, measured on 1,500
 # HAM10000 images decoded at 64x64. Fixed constants (not per-clinic statistics): every

@@ -14,17 +14,16 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from common.datasets import CLASSES, HIGH_RISK, DatasetError, ImageCache
 from common.errors import DermafedError
-from common.evaluation import class_names, evaluate_checkpoint, predict_proba
-from common.model import ModelConfig
-from common.partition import partition_to_dir
-from common.synthetic import generate_synthetic
-from common.tensors import load_checkpoint_file
+
+# The commands import NumPy, PyTorch and the data code when they run, so `dermafed --help`
+# and every other command start without loading them.
+if TYPE_CHECKING:
+    import torch
+
+    from common.model import ModelConfig
 
 USAGE_ERROR = 2
 Handler = Callable[[argparse.Namespace], int]
@@ -78,6 +77,8 @@ def _fraction(text: str) -> float:
 
 @_user_errors
 def cmd_partition(args: argparse.Namespace) -> int:
+    from common.partition import partition_to_dir
+
     result = partition_to_dir(
         Path(args.src), Path(args.out), args.clinics, args.alpha, args.seed, args.holdout
     )
@@ -88,6 +89,9 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_synth(args: argparse.Namespace) -> int:
+    from common.datasets import CLASSES
+    from common.synthetic import generate_synthetic
+
     out = generate_synthetic(
         Path(args.out), images_per_class=args.per_class, size=args.size, seed=args.seed
     )
@@ -97,12 +101,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _load_model_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from common.model import ModelConfig
+    from common.tensors import load_checkpoint_file
+
     state, meta = load_checkpoint_file(path)
     return ModelConfig.from_metadata(meta), state
 
 
 @_user_errors
 def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from common.datasets import HIGH_RISK, DatasetError, ImageCache
+    from common.evaluation import class_names, predict_proba
+
     model_cfg, state = _load_model_checkpoint(Path(args.checkpoint))
     cache = ImageCache()
     paths = [Path(p) for p in args.images]
@@ -128,6 +140,9 @@ def _fmt(value: float) -> str:
 
 @_user_errors
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from common.datasets import HIGH_RISK
+    from common.evaluation import evaluate_checkpoint
+
     metrics = evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.size)
     if args.json:
         print(json.dumps(metrics.to_dict(), indent=2, sort_keys=True))

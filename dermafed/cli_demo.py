@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.model import ARCHITECTURES
-from dermafed.demo import DemoOptions, run_demo
+from common.architectures import ARCHITECTURES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,6 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Here, not at the top: the demo pulls in PyTorch, which --help does not need.
+    from dermafed.demo import DemoOptions, run_demo
+
     if args.clinics < 1 or args.rounds < 1:
         print("dermafed demo: --clinics and --rounds must be at least 1", file=sys.stderr)
         return 2

@@ -18,10 +18,10 @@ USAGE_ERROR = 2
 def cmd_report(args: argparse.Namespace) -> int:
     # Imported here so that ``dermafed --help`` and the other commands do not pay for
     # matplotlib.
-    from dermafed.report import write_report
+    from dermafed.report import DEFAULT_TITLE, write_report
 
     try:
-        page = write_report(Path(args.ledger), Path(args.out), args.title)
+        page = write_report(Path(args.ledger), Path(args.out), args.title or DEFAULT_TITLE)
     except (DermafedError, ValueError, OSError) as exc:
         print(f"dermafed: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
@@ -31,8 +31,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``report``."""
-    from dermafed.report import DEFAULT_TITLE
-
     report = subparsers.add_parser(
         "report",
         help="write an HTML report (metrics, rounds, participation, ε) from a ledger",
@@ -42,6 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--ledger", required=True, help="the aggregator's ledger (SQLite file)")
     report.add_argument("--out", required=True, help="output folder (created if missing)")
     report.add_argument(
-        "--title", default=DEFAULT_TITLE, help=f"page title (default: {DEFAULT_TITLE!r})"
+        "--title", default=None, help="page title (default: 'dermafed federation report')"
     )
     report.set_defaults(func=cmd_report)
