@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ack.add_argument("clinic", help="the clinic id, as 'clinics' shows it")
     ack.add_argument("--reason", required=True, help="why; recorded in the audit log")
     ack.set_defaults(func=_run(_ack_privacy_reset))
+    # `--json` also after the action (`admin rounds --json`); SUPPRESS keeps the value given
+    # before the action when it is not repeated after it.
+    for action_parser in actions.choices.values():
+        action_parser.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+        )
 
 
 class UsageError(Exception):
@@ -135,7 +142,30 @@ def _abort(c: AdminClient, a: argparse.Namespace) -> Message:
 
 def _rollback(c: AdminClient, a: argparse.Namespace) -> Message:
     _non_negative(a.round, "--round")
-    return c.rollback(round_number=a.round, checkpoint=a.checkpoint, reason=a.reason)
+    checkpoint = a.checkpoint
+    if checkpoint is not None:
+        checkpoint = resolve_prefix(
+            checkpoint, [i.id for i in c.checkpoints(limit=1000).checkpoints]
+        )
+    return c.rollback(round_number=a.round, checkpoint=checkpoint, reason=a.reason)
+
+
+def resolve_prefix(prefix: str, ids: list[str]) -> str:
+    """The one id that starts with ``prefix`` (what the tables show is enough to type back)."""
+    text = prefix.strip().lower()
+    if len(text) < 4:
+        raise UsageError(f"give at least 4 characters of the checkpoint id, got {prefix!r}")
+    matches = sorted({i for i in ids if i.startswith(text)})
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        if len(text) == 64:
+            return text  # older than the listing: let the server decide
+        raise UsageError(f"no checkpoint id starts with {prefix!r} (see 'checkpoints')")
+    shown = ", ".join(m[:16] for m in matches[:5])
+    raise UsageError(
+        f"{prefix!r} matches {len(matches)} checkpoints ({shown}); give more characters"
+    )
 
 
 def _reload(c: AdminClient, a: argparse.Namespace) -> Message:
@@ -156,12 +186,23 @@ def _num(value: float, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
+LAST_COLUMN_WIDTH = 60
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> None:
+    """Columns padded to their widest cell; the last one (a reason) wraps instead of being
+    cut, its continuation lines indented under it."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    widths[-1] = min(widths[-1], LAST_COLUMN_WIDTH)
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    indent = sum(w + 2 for w in widths[:-1])
     for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        last = textwrap.wrap(row[-1], LAST_COLUMN_WIDTH) or [""]
+        head = [c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)]
+        print("  ".join([*head, last[0]]).rstrip())
+        for more in last[1:]:
+            print(" " * indent + more)
 
 
 def _round_row(r: admin_pb2.RoundSummary) -> list[Any]:
@@ -176,7 +217,7 @@ def _round_row(r: admin_pb2.RoundSummary) -> list[Any]:
         _num(m.sensitivity["mel"]) if m.examples and "mel" in m.sensitivity else "-",
         f"{seconds:.1f}",
         r.checkpoint[:12] or "-",
-        r.reason[:60],
+        r.reason,
     ]
 
 

@@ -288,8 +288,21 @@ def test_admin_cli_tables_and_json(fed, capsys, tmp_path):
     assert main(["admin", "--config", str(cfg), "--json", "clinics"]) == 0
     clinics = json.loads(capsys.readouterr().out)["clinics"]
     assert {c["clinic"] for c in clinics} == {"clinic-a", "clinic-b"}
+    # --json after the action, too.
+    assert main(["admin", "--config", str(cfg), "clinics", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["clinics"]
+    # The 12 characters `rounds` shows are enough to roll back to a checkpoint.
+    status = json.loads(
+        (main(["admin", "--config", str(cfg), "--json", "status"]), capsys.readouterr().out)[1]
+    )
+    published = status["published_checkpoint"]
     assert main(["admin", "--config", str(cfg), "rollback", "--round", "0"]) == 0
     assert "again" in capsys.readouterr().out
+    code = main(["admin", "--config", str(cfg), "rollback", "--checkpoint", published[:12]])
+    assert code == 0
+    assert f"published checkpoint {published[:16]}" in capsys.readouterr().out
+    assert main(["admin", "--config", str(cfg), "rollback", "--checkpoint", "zzzz"]) == 2
+    assert "no checkpoint id starts with 'zzzz'" in capsys.readouterr().err
     assert main(["admin", "--config", str(cfg), "rollback", "--round", "77"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
     assert main(["admin", "--config", str(cfg), "abort", "-3"]) == 2

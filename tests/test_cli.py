@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dermafed import cli_admin
 from dermafed.cli import main, version
 from dermafed.v1 import admin_pb2
@@ -73,3 +75,27 @@ def test_help_and_argument_parsing_load_neither_torch_nor_numpy():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_a_checkpoint_prefix_as_the_tables_show_it_resolves_to_one_id():
+    ids = ["ab12" + "0" * 60, "ab34" + "1" * 60, "cd56" + "2" * 60]
+    assert cli_admin.resolve_prefix("AB12", ids) == ids[0]
+    assert cli_admin.resolve_prefix(ids[2][:16], ids) == ids[2]
+    with pytest.raises(cli_admin.UsageError, match="matches 2 checkpoints"):
+        cli_admin.resolve_prefix("ab12", [*ids, "ab12" + "9" * 60])
+    with pytest.raises(cli_admin.UsageError, match="at least 4 characters"):
+        cli_admin.resolve_prefix("ab", ids)
+    with pytest.raises(cli_admin.UsageError, match="no checkpoint id starts with 'ffff'"):
+        cli_admin.resolve_prefix("ffff", ids)
+    full = "e" * 64  # older than the listing: passed on for the server to judge
+    assert cli_admin.resolve_prefix(full, ids) == full
+
+
+def test_long_reasons_wrap_instead_of_being_cut(capsys):
+    reason = "mel sensitivity fell from 0.458 to 0.042 (tolerance 0.050); " * 3
+    cli_admin._table(["round", "reason"], [[1, reason.strip()], [2, "ok"]])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) > 3
+    assert " ".join(line.strip() for line in out[1:-1]).endswith("(tolerance 0.050);")
+    assert all(len(line) <= 7 + cli_admin.LAST_COLUMN_WIDTH for line in out)
+    assert out[2].startswith(" " * 7)
