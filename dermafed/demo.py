@@ -23,6 +23,8 @@ import grpc
 
 from common import pki
 from common.datasets import CLASSES, group_split, load_records
+from common.errors import InUseError
+from common.fsutil import LOCK_NAME, StateDirLock
 from common.model import DP_ARCH, PLAIN_ARCH, RECIPE_PLANS
 from common.partition import partition_to_dir, write_index
 from common.synthetic import generate_synthetic
@@ -105,15 +107,39 @@ def write_toml(path: Path, data: dict[str, object]) -> None:
 
 
 def prepare_workdir(workdir: Path) -> None:
-    if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
+    try:
+        if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
+            raise SystemExit(
+                f"dermafed demo: {workdir} exists and is not a demo work dir; "
+                "choose another --workdir"
+            )
+        if (workdir / MARKER).exists():
+            _refuse_if_running(workdir)
+            for sub in ("pki", "config", "state", "logs", "shards", "data"):
+                shutil.rmtree(workdir / sub, ignore_errors=True)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / MARKER).write_text("created by `dermafed demo`; safe to delete\n")
+    except OSError as exc:
         raise SystemExit(
-            f"dermafed demo: {workdir} exists and is not a demo work dir; choose another --workdir"
-        )
-    if (workdir / MARKER).exists():
-        for sub in ("pki", "config", "state", "logs", "shards", "data"):
-            shutil.rmtree(workdir / sub, ignore_errors=True)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / MARKER).write_text("created by `dermafed demo`; safe to delete\n")
+            f"dermafed demo: cannot use {workdir} as the work dir: {exc.strerror or exc}; "
+            "choose another --workdir"
+        ) from None
+
+
+def _refuse_if_running(workdir: Path) -> None:
+    """A `--keep-running` federation still holds its aggregator's state_dir: leave it be."""
+    aggregator_state = workdir / "state" / "aggregator"
+    if not aggregator_state.is_dir():
+        return
+    try:
+        StateDirLock(aggregator_state, "demo").acquire().release()
+    except InUseError:
+        holder = (aggregator_state / LOCK_NAME).read_text().split(" ")[0] or "?"
+        raise SystemExit(
+            f"dermafed demo: a federation from an earlier run is still running in {workdir} "
+            f"(aggregator pid {holder}); stop it (Ctrl-C in its terminal) or choose another "
+            "--workdir"
+        ) from None
 
 
 def build_pki(workdir: Path, clinics: Sequence[str]) -> Path:
