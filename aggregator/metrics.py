@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from common.build_info import register_build_info
 from common.secagg.messages import STAGES
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -18,6 +19,7 @@ STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 180
 
 class AggregatorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        register_build_info(registry)
         self.registry = registry
         self.round_number = Gauge(
             "dermafed_round_number",

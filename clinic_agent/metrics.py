@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from common.build_info import register_build_info
+
 ROUND_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        register_build_info(registry)
         self.registry = registry
         self.connected = Gauge(
             "dermafed_agent_connected",

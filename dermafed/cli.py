@@ -13,19 +13,11 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
+from common.build_info import version
 from common.errors import DermafedError
 from dermafed.runtime_versions import installed_mismatch
-
-
-def version() -> str:
-    """The installed distribution's version (pyproject.toml), for --version and metrics."""
-    try:
-        return metadata.version("dermafed")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def _add_daemon_commands(sub: argparse._SubParsersAction) -> None:
