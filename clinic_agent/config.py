@@ -75,9 +75,17 @@ class NetworkSection:
     transfer_timeout_s: float = 600.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    # How long the aggregator may keep refusing this clinic's certificate (revoked, or not
+    # of this federation) before the agent stops with an error instead of retrying forever.
+    give_up_unauthenticated_s: float = 600.0
 
     def validate(self) -> None:
         require(self.poll_wait_s > 0, "network.poll_wait_s", "must be positive")
+        require(
+            self.give_up_unauthenticated_s > 0,
+            "network.give_up_unauthenticated_s",
+            "must be positive",
+        )
         require(self.rpc_timeout_s > 0, "network.rpc_timeout_s", "must be positive")
         require(self.transfer_timeout_s > 0, "network.transfer_timeout_s", "must be positive")
         require(

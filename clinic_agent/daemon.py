@@ -6,6 +6,7 @@ what leaves is the (clipped) weight delta of the whole model and the example cou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -13,10 +14,12 @@ import random
 import secrets
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import numpy as np
+from cryptography import x509
 
 from clinic_agent.client import RETRYABLE, FederationClient
 from clinic_agent.config import ClinicConfig
@@ -37,9 +40,9 @@ from common.datasets import (
 from common.errors import PRIVACY_RESET, REFUSAL_KEY, PrivacyResetError
 from common.features import FeatureCache
 from common.fsutil import StateDirLock, atomic_write
-from common.identity import identity_from_certificate, own_identity
+from common.identity import IdentityError, identity_from_certificate, own_identity
 from common.model import ModelConfig, build_model
-from common.pki import certificate_expiry_reader, load_certificate
+from common.pki import PkiError, certificate_expiry_reader, load_certificate
 from common.tensors import flatten, in_order, load_checkpoint_bytes, specs_of
 from common.tls import file_stamp
 from dermafed.v1 import federation_pb2
@@ -61,6 +64,7 @@ class ClinicAgent:
         self.stop_event = stop or threading.Event()
         self._rng = rng or random.Random()
         cert = load_certificate(config.tls.cert)
+        _require_current(cert, config.tls.cert)
         self.identity = own_identity(
             cert, config.federation, "clinic", f"tls.cert {config.tls.cert}"
         )
@@ -97,12 +101,29 @@ class ClinicAgent:
         net = self.config.network
         backoff = Backoff(net.backoff_initial_s, net.backoff_max_s, self._rng)
         log.info("clinic %s polling %s", self.clinic_id, self.config.aggregator.address)
+        refused_since: float | None = None
         while not self.stop_event.is_set():
             self._follow_certificate_rotation()
             try:
                 task = self.client.poll(self.last_round, net.poll_wait_s, self.privacy_report())
             except grpc.RpcError as exc:
                 self.metrics.connected.set(0)
+                # The files may have been renewed since start: judge the current one (a
+                # file caught mid-rotation is judged on the next failure).
+                with contextlib.suppress(PkiError):
+                    current = load_certificate(self.config.tls.cert)
+                    _require_current(current, self.config.tls.cert)
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    refused_since = refused_since or time.monotonic()
+                    if time.monotonic() - refused_since >= net.give_up_unauthenticated_s:
+                        raise IdentityError(
+                            f"the aggregator has refused this clinic's certificate for "
+                            f"{net.give_up_unauthenticated_s:.0f}s ({exc.details()}); it may be "
+                            "revoked: ask the federation's operator, install a new certificate "
+                            "(dermafed pki request / sign) and start the agent again"
+                        ) from None
+                else:
+                    refused_since = None
                 if _is_privacy_reset_refusal(exc):
                     # This identity has spent more than this ledger says (a new state_dir,
                     # an old backup): training on it would spend that budget again.
@@ -121,6 +142,7 @@ class ClinicAgent:
                 self.stop_event.wait(delay)
                 continue
             self.metrics.connected.set(1)
+            refused_since = None
             backoff.reset()
             fresh = task.plan is not None and task.plan.round > self.last_round
             if task.kind == "train" and task.plan is not None and fresh:
@@ -464,3 +486,18 @@ def _is_privacy_reset_refusal(exc: grpc.RpcError) -> bool:
     trailing = getattr(exc, "trailing_metadata", None)
     metadata = trailing() if callable(trailing) else None
     return any(key == REFUSAL_KEY and value == PRIVACY_RESET for key, value in metadata or ())
+
+
+def _require_current(cert: x509.Certificate, path: Path) -> None:
+    """Stop on an expired (or not yet valid) own certificate: no handshake can succeed."""
+    now = datetime.now(UTC)
+    if now >= cert.not_valid_after_utc:
+        raise IdentityError(
+            f"tls.cert {path} expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+            "renew it (dermafed pki renew, or pki request / sign) and start the agent again"
+        )
+    if now < cert.not_valid_before_utc:
+        raise IdentityError(
+            f"tls.cert {path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
+            "UTC; check this host's clock"
+        )
