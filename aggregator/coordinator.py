@@ -9,6 +9,7 @@ held-out set, publish it, and record everything in the ledger.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -84,6 +85,8 @@ from common.tensors import (
 # account) and "ledger_error" (the ledger failed its check; the clinic declines every round)
 # report 0 without meaning that nothing was spent, so they neither raise nor test the floor.
 ACCOUNTED_STATUSES = frozenset({"dp-sgd", "exhausted"})
+# How often a polling clinic's "last seen" is written to the ledger.
+SEEN_PERSIST_INTERVAL_S = 60.0
 
 log = logging.getLogger("dermafed.aggregator")
 
@@ -149,6 +152,10 @@ class Coordinator:
         # the clinics refused because they reported less: their privacy ledger was reset.
         self._privacy_floors: dict[str, float] = {}
         self._privacy_blocked: dict[str, float] = {}
+        # When each clinic was last seen as of the ledger (restored at start), and when
+        # this process last wrote it there.
+        self._seen_at_start: dict[str, float] = {}
+        self._seen_persisted: dict[str, float] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -181,6 +188,7 @@ class Coordinator:
         self._published = (cid, int(round_no or 0))
         self._rounds_finished = sum(1 for r in self.ledger.rounds(limit=1_000_000) if r.outcome)
         self._privacy_floors = self.ledger.privacy_floors()
+        self._restore_clinic_metrics()
         last = self.ledger.rounds(limit=1)
         # The schedule resumes from the ledger, not from the restart: otherwise every
         # restart (an upgrade, a config change, a Restart=on-failure loop) would start a
@@ -204,6 +212,23 @@ class Coordinator:
             self._published[1],
             self.ledger.next_round_number(),
         )
+
+    def _restore_clinic_metrics(self) -> None:
+        """Per-clinic series start from the ledger, not empty, after a restart: a clinic
+        that was down across the restart still looks silent, and its budget is known."""
+        self._seen_at_start = self.ledger.clinics_seen()
+        for clinic, at in self._seen_at_start.items():
+            self.metrics.clinic_last_seen.labels(clinic=clinic).set(at)
+        latest: dict[str, dict[str, float]] = {}
+        for ev in self.ledger.clinic_events():
+            if ev.event == "privacy" and ev.detail:
+                with contextlib.suppress(ValueError, TypeError):
+                    latest[ev.clinic] = json.loads(ev.detail)
+        for clinic, report in latest.items():
+            spent, remaining = report.get("epsilon_spent"), report.get("epsilon_remaining")
+            if isinstance(spent, int | float) and isinstance(remaining, int | float):
+                self.metrics.clinic_epsilon_spent.labels(clinic=clinic).set(spent)
+                self.metrics.clinic_epsilon_remaining.labels(clinic=clinic).set(remaining)
 
     def _metrics_of(self, cid: str, state: dict | None = None) -> dict[str, object] | None:
         """Held-out metrics of a stored checkpoint, evaluating (and recording) if missing."""
@@ -659,7 +684,7 @@ class Coordinator:
                 report = json.loads(ev.detail)
                 epsilon[ev.clinic] = (report.get("epsilon_spent"), report.get("epsilon_remaining"))
         with self._cond:
-            seen = {c: i.last_seen for c, i in self._clinics.items()}
+            seen = {**self._seen_at_start, **{c: i.last_seen for c, i in self._clinics.items()}}
             connected = set(self._connected_locked(now))
             floors = dict(self._privacy_floors)
             blocked = set(self._privacy_blocked)
@@ -739,6 +764,11 @@ class Coordinator:
             log.info("clinic %s connected", clinic)
         info.last_seen = now
         self.metrics.clinic_last_seen.labels(clinic=clinic).set(now)
+        # Persisted at most once a minute per clinic: a polling clinic costs one small
+        # UPSERT a minute, and a restart loses at most a minute of "last seen".
+        if now - self._seen_persisted.get(clinic, -math.inf) >= SEEN_PERSIST_INTERVAL_S:
+            self.ledger.record_clinic_seen(clinic, now)
+            self._seen_persisted[clinic] = now
 
     def _connected_locked(self, now: float) -> list[str]:
         horizon = self.config.rounds.connected_timeout_s

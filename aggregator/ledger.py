@@ -188,7 +188,15 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_migrate_0_to_1, _migrate_1_to_2)
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    # When each clinic was last seen, kept across restarts (one row per clinic, updated at
+    # most once a minute), so "clinic silent" tells the truth after a restart.
+    conn.execute(
+        "CREATE TABLE clinic_seen (clinic TEXT PRIMARY KEY, at REAL NOT NULL CHECK (at >= 0))"
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -610,6 +618,26 @@ class Ledger:
                 .fetchall()
             )
         return [Publication(int(r[0]), r[1], r[2], float(r[3]), r[4], r[5] or "") for r in rows]
+
+    # ----------------------------------------------------------------- clinics seen
+
+    def record_clinic_seen(self, clinic: str, at: float) -> None:
+        """Remember that ``clinic`` was seen at ``at`` (never moves backwards)."""
+        _text("clinic", clinic)
+        when = _time("at", at)
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO clinic_seen (clinic, at) VALUES (?, ?)"
+                " ON CONFLICT (clinic) DO UPDATE SET at = excluded.at"
+                " WHERE excluded.at > clinic_seen.at",
+                (clinic, when),
+            )
+
+    def clinics_seen(self) -> dict[str, float]:
+        """When each clinic was last seen, as recorded."""
+        with self._lock:
+            rows = self._db().execute("SELECT clinic, at FROM clinic_seen").fetchall()
+        return {r[0]: float(r[1]) for r in rows}
 
     # ----------------------------------------------------------------- privacy floor
 

@@ -18,10 +18,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from federation_harness import CLINICS, Federation
+from federation_harness import CLINICS, Federation, raw_clinics
 
 from aggregator.config import ServerSection
 from dermafed.demo import write_toml
+from dermafed.v1 import federation_pb2
 
 
 def _free_port() -> int:
@@ -234,3 +235,30 @@ def test_a_round_cut_short_by_a_stop_waits_retry_after_abort_after_the_restart(
     assert last.outcome == "aborted"
     assert last.finished_at is not None
     assert second.coordinator.status().next_round_at == pytest.approx(last.finished_at + 600)
+
+
+def test_per_clinic_series_survive_a_restart(federation: Federation):
+    """Before, per-clinic series started empty after a restart: "clinic silent" never fired
+    for a clinic that was down across it, and budgets showed nothing until a poll."""
+    rounds = replace(federation.aggregator_config().rounds, start_when_connected=9)
+    first = federation.start_aggregator(federation.aggregator_config(rounds=rounds))
+    stub = raw_clinics(federation, ["clinic-a"])["clinic-a"]
+    report = federation_pb2.PrivacyReport(
+        status="dp-sgd", epsilon_spent=2.5, epsilon_max=8.0, delta=1e-5
+    )
+    stub.Poll(federation_pb2.PollRequest(wait_ms=0, privacy=report), timeout=10)
+    seen = first.registry.get_sample_value(
+        "dermafed_clinic_last_seen_timestamp_seconds", {"clinic": "clinic-a"}
+    )
+    assert seen is not None
+    first.stop(grace=0.5)
+    federation.service = None
+
+    second = federation.start_aggregator(federation.aggregator_config(rounds=rounds))
+    reg = second.registry
+    key = {"clinic": "clinic-a"}
+    assert reg.get_sample_value("dermafed_clinic_last_seen_timestamp_seconds", key) == seen
+    assert reg.get_sample_value("dermafed_clinic_epsilon_spent", key) == 2.5
+    assert reg.get_sample_value("dermafed_clinic_epsilon_remaining", key) == 5.5
+    view = next(v for v in second.coordinator.list_clinics() if v.clinic == "clinic-a")
+    assert view.last_seen == seen and not view.connected
