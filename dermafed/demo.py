@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +144,13 @@ def _refuse_if_running(workdir: Path) -> None:
         ) from None
 
 
+def free_port() -> int:
+    """A localhost port that is free now (the aggregator binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def build_pki(workdir: Path, clinics: Sequence[str]) -> Path:
     ca_dir = workdir / "pki" / "ca"
     pki.init_ca(FEDERATION, ca_dir)
@@ -178,6 +187,8 @@ def write_configs(
                 "crl": pki_dir / "ca" / "crl.pem",
             },
             "storage": {"state_dir": workdir / "state" / "aggregator"},
+            # Prometheus metrics on localhost, so a newcomer can look at what operators see.
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
             "model": {"arch": opts.model_arch, "input_size": opts.input_size, "seed": opts.seed},
             "rounds": {
                 "aggregation": opts.aggregation,
@@ -406,6 +417,8 @@ def run_demo(opts: DemoOptions, out: Callable[[str], None] = print) -> list[Roun
         port = _wait_for_port(port_file, fed)
         _set_port([*agent_cfgs, admin_cfg], port)
         out(f"aggregator listening on localhost:{port} (mutual TLS); logs in {workdir / 'logs'}")
+        metrics_listen = tomllib.loads(agg_cfg.read_text())["metrics"]["listen"]
+        out(f"metrics   http://{metrics_listen}/metrics (Prometheus format)")
         for clinic, cfg in zip(clinics, agent_cfgs, strict=True):
             fed.spawn(clinic, ["agent", "run", "--config", str(cfg)])
         out(f"agents    {', '.join(clinics)} started")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -85,9 +86,17 @@ def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path):
     proc = _demo(workdir, "--rounds", "50")
     assert proc.stdout is not None
     deadline = time.monotonic() + 300
+    metrics_url = ""
     for line in proc.stdout:
+        if line.startswith("metrics "):
+            metrics_url = line.split()[1]
         if "round 1:" in line or time.monotonic() > deadline:
             break
+    # The demo serves the aggregator's Prometheus metrics and says where.
+    assert metrics_url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        body = response.read().decode()
+    assert "dermafed_build_info{" in body and "dermafed_round_number" in body
     children = _processes_mentioning(str(workdir))
     assert len(children) >= 4, "aggregator and three agents should be running"
     proc.send_signal(signal.SIGINT)
