@@ -37,6 +37,8 @@ def _user_errors(func: Handler) -> Handler:
         except (DermafedError, ValueError) as exc:
             print(f"dermafed: error: {exc}", file=sys.stderr)
             return USAGE_ERROR
+        except BrokenPipeError:
+            raise  # the reader went away; dermafed.cli.main handles it
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             print(f"dermafed: error: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -119,6 +119,8 @@ def _guarded(func: _Command) -> _Command:
             return int(func(args))
         except pki.PkiError as exc:
             return _fail(str(exc))
+        except BrokenPipeError:
+            raise  # the reader went away; dermafed.cli.main handles it
         except OSError as exc:
             where = f" {exc.filename}" if exc.filename else ""
             return _fail(f"{exc.strerror or exc}{where}")

@@ -38,7 +38,8 @@ def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path):
     )
     ca = str(tmp_path / "ca")
     subprocess.run([sys.executable, "-c", code, ca], cwd=REPO, check=True, timeout=300)
-    cmd = [sys.executable, "-m", "dermafed.cli", "pki", "list", "--ca", ca]
+    # --json: ~150 KB, more than a pipe buffers, so the writer surely meets the closed pipe.
+    cmd = [sys.executable, "-m", "dermafed.cli", "pki", "list", "--ca", ca, "--json"]
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -47,9 +48,9 @@ def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path):
     proc.stdout.close()  # what `head -1` does after one line
     err = proc.stderr.read()
     proc.wait(60)
-    assert first.startswith("SERIAL")
-    assert "Traceback" not in err and "BrokenPipeError" not in err, err
-    assert proc.returncode in (0, 141)
+    assert first.startswith("[")
+    assert err == "", err  # no traceback, and no error: a reader leaving is not one
+    assert proc.returncode == 141
 
 
 def test_status_never_says_more_rounds_finished_than_the_maximum(capsys):
