@@ -40,6 +40,7 @@ from aggregator.domain import (
 from aggregator.gate import decide
 from aggregator.ledger import Ledger
 from aggregator.metrics import AggregatorMetrics
+from aggregator.privacy_floor import PrivacyFloor
 from aggregator.round_modes import (
     TRAIN_STAGE,
     PlainMode,
@@ -55,11 +56,9 @@ from aggregator.validation import HoldoutEvaluator
 from common.clipping import clinic_noise_std
 from common.errors import (
     BusyError,
-    InvalidArgumentError,
     InvalidUpdateError,
     NotFoundError,
     PreconditionError,
-    PrivacyResetError,
     StaleRoundError,
 )
 from common.model import ModelConfig, build_model, initial_state
@@ -81,10 +80,6 @@ from common.tensors import (
     unflatten,
 )
 
-# Privacy reports whose epsilon comes from the clinic's ledger. "off" (no DP, nothing to
-# account) and "ledger_error" (the ledger failed its check; the clinic declines every round)
-# report 0 without meaning that nothing was spent, so they neither raise nor test the floor.
-ACCOUNTED_STATUSES = frozenset({"dp-sgd", "exhausted"})
 # How often a polling clinic's "last seen" is written to the ledger.
 SEEN_PERSIST_INTERVAL_S = 60.0
 
@@ -148,10 +143,7 @@ class Coordinator:
         self._published_metrics: dict[str, object] | None = None
         self._specs: tuple[TensorSpec, ...] = ()
         self.gate = config.validation.gate_settings()
-        # Highest epsilon spent each clinic identity has reported (from the ledger), and
-        # the clinics refused because they reported less: their privacy ledger was reset.
-        self._privacy_floors: dict[str, float] = {}
-        self._privacy_blocked: dict[str, float] = {}
+        self.privacy_floor = PrivacyFloor(ledger, metrics, clock)
         # When each clinic was last seen as of the ledger (restored at start), and when
         # this process last wrote it there.
         self._seen_at_start: dict[str, float] = {}
@@ -187,7 +179,7 @@ class Coordinator:
         self._specs = tuple(specs_of(in_order(state, order)))
         self._published = (cid, int(round_no or 0))
         self._rounds_finished = sum(1 for r in self.ledger.rounds(limit=1_000_000) if r.outcome)
-        self._privacy_floors = self.ledger.privacy_floors()
+        self.privacy_floor.load()
         self._restore_clinic_metrics()
         last = self.ledger.rounds(limit=1)
         # The schedule resumes from the ledger, not from the restart: otherwise every
@@ -273,7 +265,7 @@ class Coordinator:
         with self._cond:
             if privacy is not None:
                 # Before _touch: a refused clinic does not count as connected.
-                self._check_privacy_floor_locked(clinic, privacy)
+                self.privacy_floor.check(clinic, privacy)
             self._touch(clinic)
             if privacy is not None:
                 self._record_privacy_locked(clinic, privacy)
@@ -288,78 +280,15 @@ class Coordinator:
                 self._touch(clinic)
             return PollResult(task, *self._published)
 
-    def _check_privacy_floor_locked(self, clinic: str, report: PrivacyReport) -> None:
-        """Refuse a clinic whose spent epsilon went down: its privacy ledger was reset.
-
-        A clinic restarted with a fresh state_dir (or an old backup of its ledger) would
-        otherwise start spending a budget it has already spent, and nothing would say so.
-        Its polls are refused until its report is back at the floor (the right ledger was
-        restored) or an admin acknowledges the reset with a reason.
-        """
-        floor = self._privacy_floors.get(clinic)
-        if (
-            floor is None
-            or report.status not in ACCOUNTED_STATUSES
-            or report.epsilon_spent >= floor * (1.0 - 1e-9)
-        ):
-            if self._privacy_blocked.pop(clinic, None) is not None:
-                log.info("clinic %s reports epsilon %.4g again; no longer refused", clinic, floor)
-                self.metrics.clinic_privacy_reset.labels(clinic=clinic).set(0)
-            return
-        if clinic not in self._privacy_blocked:
-            log.error(
-                "clinic %s reports epsilon spent %.4g, below the %.4g it reported before; "
-                "refusing it until an admin acknowledges the reset",
-                clinic,
-                report.epsilon_spent,
-                floor,
-            )
-            self.ledger.record_clinic_event(
-                None,
-                clinic,
-                "privacy_reset",
-                json.dumps({"reported": report.epsilon_spent, "floor": floor}),
-                self._clock(),
-            )
-        self._privacy_blocked[clinic] = report.epsilon_spent
-        self.metrics.clinic_privacy_reset.labels(clinic=clinic).set(1)
-        raise PrivacyResetError(
-            f"clinic {clinic} reports epsilon spent {report.epsilon_spent:.4g}, below the "
-            f"{floor:.4g} it reported before: its privacy ledger was reset or replaced. Restore "
-            f"it, or have an admin run 'dermafed admin ack-privacy-reset {clinic} --reason ...'"
-        )
-
     def acknowledge_privacy_reset(
         self, clinic: str, reason: str, actor: str
     ) -> tuple[float, float]:
         """An admin accepts a clinic's lower epsilon; returns (old floor, new floor)."""
-        if not reason.strip():
-            raise InvalidArgumentError("a reason is required: it goes into the audit log")
         with self._cond:
-            reported = self._privacy_blocked.get(clinic)
-            if reported is None:
-                raise PreconditionError(f"clinic {clinic} is not refused for a privacy reset")
-            previous = self.ledger.reset_privacy_floor(
-                clinic, reported, self._clock(), actor=actor or "unknown", reason=reason.strip()
-            )
-            self._privacy_floors[clinic] = reported
-            del self._privacy_blocked[clinic]
-            self.metrics.clinic_privacy_reset.labels(clinic=clinic).set(0)
-        log.warning(
-            "%s acknowledged clinic %s's privacy reset (epsilon floor %.4g -> %.4g): %s",
-            actor,
-            clinic,
-            previous,
-            reported,
-            reason,
-        )
-        return previous, reported
+            return self.privacy_floor.acknowledge(clinic, reason, actor)
 
     def _record_privacy_locked(self, clinic: str, report: PrivacyReport) -> None:
-        accounted = report.status in ACCOUNTED_STATUSES
-        if accounted and report.epsilon_spent > self._privacy_floors.get(clinic, -1.0):
-            self.ledger.raise_privacy_floor(clinic, report.epsilon_spent, self._clock())
-            self._privacy_floors[clinic] = report.epsilon_spent
+        self.privacy_floor.record(clinic, report)
         info = self._clinics[clinic]
         self.metrics.clinic_epsilon_spent.labels(clinic=clinic).set(report.epsilon_spent)
         self.metrics.clinic_epsilon_remaining.labels(clinic=clinic).set(report.epsilon_remaining)
@@ -686,8 +615,8 @@ class Coordinator:
         with self._cond:
             seen = {**self._seen_at_start, **{c: i.last_seen for c, i in self._clinics.items()}}
             connected = set(self._connected_locked(now))
-            floors = dict(self._privacy_floors)
-            blocked = set(self._privacy_blocked)
+            floors = self.privacy_floor.floors
+            refused = {c for c in floors if self.privacy_floor.is_refused(c)}
         views = []
         for clinic in sorted(set(counts) | set(seen) | set(floors)):
             c = counts.get(clinic, {})
@@ -704,7 +633,7 @@ class Coordinator:
                     epsilon_spent=spent,
                     epsilon_remaining=remaining,
                     epsilon_floor=floors.get(clinic),
-                    privacy_reset=clinic in blocked,
+                    privacy_reset=clinic in refused,
                 )
             )
         return views
@@ -776,7 +705,7 @@ class Coordinator:
         return sorted(
             c
             for c, i in self._clinics.items()
-            if now - i.last_seen <= horizon and c not in self._privacy_blocked
+            if now - i.last_seen <= horizon and not self.privacy_floor.is_refused(c)
         )
 
     def _loop(self) -> None:
