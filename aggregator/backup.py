@@ -17,11 +17,9 @@ so a running aggregator cannot be restored under.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sqlite3
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,9 @@ from aggregator.checkpoints import CheckpointStore, checkpoint_id_of, validate_c
 from aggregator.config import StorageSection
 from common.errors import IntegrityError, PreconditionError
 from common.fsutil import StateDirLock, atomic_write, fsync_dir
+from common.manifest import read_manifest as read_common_manifest
+from common.manifest import write_manifest
 
-MANIFEST = "MANIFEST.json"
 FORMAT = "dermafed-aggregator-backup/1"
 LEDGER_FILE = "ledger.sqlite"
 CHECKPOINT_DIR = "checkpoints"
@@ -125,32 +124,22 @@ def backup(storage: StorageSection, out: Path) -> dict[str, Any]:
     if summary.published and summary.published not in checkpoints:
         raise IntegrityError(f"the published checkpoint {summary.published} is missing")
     fsync_dir(out / CHECKPOINT_DIR)
-    manifest = {
-        "format": FORMAT,
-        "created_at": time.time(),
-        "ledger_sha256": _sha256_file(ledger_copy),
-        "checkpoints": checkpoints,
-        **summary.to_json(),
-    }
     # Last: its presence is what says the backup is complete.
-    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2).encode(), mode=0o600)
-    return manifest
+    return write_manifest(
+        out,
+        FORMAT,
+        {
+            "ledger_sha256": _sha256_file(ledger_copy),
+            "checkpoints": checkpoints,
+            **summary.to_json(),
+        },
+    )
 
 
 def read_manifest(source: Path) -> dict[str, Any]:
     """The manifest of a complete, intact backup in ``source``, or an error saying why not."""
     source = Path(source)
-    try:
-        manifest = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IntegrityError(
-            f"{source} has no {MANIFEST}: the backup was interrupted or is not a dermafed "
-            "backup; use another one"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise IntegrityError(f"{source / MANIFEST} is unreadable: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IntegrityError(f"{source / MANIFEST} is not a {FORMAT} manifest")
+    manifest = read_common_manifest(source, FORMAT)
     if _sha256_file(source / LEDGER_FILE) != manifest["ledger_sha256"]:
         raise IntegrityError(f"{source / LEDGER_FILE} does not match the manifest")
     for cid in manifest["checkpoints"]:

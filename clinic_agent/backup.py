@@ -11,8 +11,6 @@ empty state directory (a replaced machine) is what it is for.
 from __future__ import annotations
 
 import hashlib
-import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,9 @@ from clinic_agent.config import StorageSection
 from clinic_agent.privacy_ledger import PrivacyLedger
 from common.errors import IntegrityError, PreconditionError
 from common.fsutil import StateDirLock, atomic_write
+from common.manifest import read_manifest as read_common_manifest
+from common.manifest import write_manifest
 
-MANIFEST = "MANIFEST.json"
 FORMAT = "dermafed-agent-backup/1"
 
 
@@ -47,33 +46,23 @@ def backup(storage: StorageSection, out: Path) -> dict[str, Any]:
     atomic_write(out / ledger_name, ledger_bytes, mode=0o600)
     atomic_write(out / marker_name, marker_bytes, mode=0o600)
     PrivacyLedger(out / ledger_name, create=False).verify()  # the copy stands on its own
-    manifest = {
-        "format": FORMAT,
-        "created_at": time.time(),
-        "entries": entries,
-        "epsilon_spent": spent,
-        "sha256": {
-            ledger_name: hashlib.sha256(ledger_bytes).hexdigest(),
-            marker_name: hashlib.sha256(marker_bytes).hexdigest(),
+    return write_manifest(
+        out,
+        FORMAT,
+        {
+            "entries": entries,
+            "epsilon_spent": spent,
+            "sha256": {
+                ledger_name: hashlib.sha256(ledger_bytes).hexdigest(),
+                marker_name: hashlib.sha256(marker_bytes).hexdigest(),
+            },
         },
-    }
-    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2).encode(), mode=0o600)
-    return manifest
+    )
 
 
 def read_manifest(source: Path) -> dict[str, Any]:
     source = Path(source)
-    try:
-        manifest = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IntegrityError(
-            f"{source} has no {MANIFEST}: the backup was interrupted or is not a dermafed "
-            "agent backup; use another one"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise IntegrityError(f"{source / MANIFEST} is unreadable: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IntegrityError(f"{source / MANIFEST} is not a {FORMAT} manifest")
+    manifest = read_common_manifest(source, FORMAT)
     for name, digest in manifest["sha256"].items():
         path = source / Path(name).name
         if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:

@@ -484,6 +484,17 @@ def init_ca(
     return cert_path
 
 
+def _peer_subject(federation: str, role: str, name: str) -> x509.Name:
+    """A peer's subject name (informational: identity is the URI SAN, never the subject)."""
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"dermafed {federation}"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]
+    )
+
+
 def _random_serial(taken: set[int]) -> int:
     while True:
         serial = secrets.randbits(128)
@@ -592,15 +603,7 @@ def _issue_leaf(
         serial = _random_serial(taken)
         cert = (
             x509.CertificateBuilder()
-            .subject_name(
-                x509.Name(
-                    [
-                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"dermafed {federation}"),
-                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-                        x509.NameAttribute(NameOID.COMMON_NAME, name),
-                    ]
-                )
-            )
+            .subject_name(_peer_subject(federation, role, name))
             .issuer_name(ca_cert.subject)
             .public_key(public_key)
             .serial_number(serial)
@@ -692,15 +695,7 @@ def request(
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"dermafed {federation}"),
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-                    x509.NameAttribute(NameOID.COMMON_NAME, name),
-                ]
-            )
-        )
+        .subject_name(_peer_subject(federation, role, name))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .sign(key, hashes.SHA256())
     )

@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from common.build_info import version
 from common.errors import DermafedError
@@ -58,47 +59,42 @@ def _add_backup_commands(sub: argparse._SubParsersAction, role: str, what: str) 
     restore.set_defaults(func=_restore, role=role)
 
 
-def _backup(args: argparse.Namespace) -> int:
+def _backup_target(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The role's backup module and the storage section of its config."""
     if args.role == "aggregator":
         from aggregator import backup as agg_backup
         from aggregator.config import load_aggregator_config
 
-        manifest = agg_backup.backup(load_aggregator_config(args.config).storage, args.out)
-        print(
-            f"backed up the ledger (round {manifest['last_round']}) and "
-            f"{len(manifest['checkpoints'])} checkpoint(s) to {args.out}"
-        )
-    else:
-        from clinic_agent import backup as agent_backup
-        from clinic_agent.config import load_clinic_config
+        return agg_backup, load_aggregator_config(args.config).storage
+    from clinic_agent import backup as agent_backup
+    from clinic_agent.config import load_clinic_config
 
-        manifest = agent_backup.backup(load_clinic_config(args.config).storage, args.out)
-        print(
-            f"backed up the privacy ledger ({manifest['entries']} charged round(s), "
-            f"epsilon {manifest['epsilon_spent']:.3f}) to {args.out}"
+    return agent_backup, load_clinic_config(args.config).storage
+
+
+def _backup_contents(role: str, manifest: dict[str, Any]) -> str:
+    if role == "aggregator":
+        return (
+            f"the ledger (round {manifest['last_round']}) and "
+            f"{len(manifest['checkpoints'])} checkpoint(s)"
         )
+    return (
+        f"the privacy ledger ({manifest['entries']} charged round(s), "
+        f"epsilon {manifest['epsilon_spent']:.3f})"
+    )
+
+
+def _backup(args: argparse.Namespace) -> int:
+    module, storage = _backup_target(args)
+    manifest = module.backup(storage, args.out)
+    print(f"backed up {_backup_contents(args.role, manifest)} to {args.out}")
     return 0
 
 
 def _restore(args: argparse.Namespace) -> int:
-    if args.role == "aggregator":
-        from aggregator import backup as agg_backup
-        from aggregator.config import load_aggregator_config
-
-        manifest = agg_backup.restore(load_aggregator_config(args.config).storage, args.source)
-        print(
-            f"restored the ledger (round {manifest['last_round']}) and "
-            f"{len(manifest['checkpoints'])} checkpoint(s) from {args.source}"
-        )
-    else:
-        from clinic_agent import backup as agent_backup
-        from clinic_agent.config import load_clinic_config
-
-        manifest = agent_backup.restore(load_clinic_config(args.config).storage, args.source)
-        print(
-            f"restored the privacy ledger ({manifest['entries']} charged round(s), "
-            f"epsilon {manifest['epsilon_spent']:.3f}) from {args.source}"
-        )
+    module, storage = _backup_target(args)
+    manifest = module.restore(storage, args.source)
+    print(f"restored {_backup_contents(args.role, manifest)} from {args.source}")
     return 0
 
 

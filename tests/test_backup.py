@@ -29,6 +29,7 @@ from clinic_agent.config import StorageSection as AgentStorage
 from clinic_agent.privacy import PrivacyConfig
 from clinic_agent.privacy_ledger import PrivacyLedger
 from common.errors import IntegrityError, InUseError, PreconditionError
+from dermafed.cli import main
 from dermafed.demo import write_toml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +191,9 @@ def test_retention_removes_rejected_candidates_but_never_a_rollback_target(
     assert set(recorded) >= store_ids  # the ledger keeps every record
 
 
-def test_agent_backup_restore_refuses_to_roll_spending_back(tmp_path: Path, federation: Federation):
+def test_agent_backup_restore_refuses_to_roll_spending_back(
+    tmp_path: Path, federation: Federation, capsys
+):
     cfg = federation.aggregator_config(rounds=_plain(federation, max_rounds=2))
     federation.start_aggregator(cfg)
     _start_agents(federation)
@@ -214,6 +217,23 @@ def test_agent_backup_restore_refuses_to_roll_spending_back(tmp_path: Path, fede
     assert restored.spent_epsilon() == pytest.approx(late["epsilon_spent"])
     # Restoring the same backup again is allowed (nothing is rolled back).
     agent_backup.restore(fresh, tmp_path / "late")
+    # The same through the command line, as an operator types it.
+    pki, pair = federation.pki, federation.pki.clinics["clinic-a"]
+    cfg = tmp_path / "clinic-a.toml"
+    write_toml(
+        cfg,
+        {
+            "federation": pki.federation,
+            "aggregator": {"address": "localhost:1"},
+            "tls": {"ca_cert": pki.ca_cert, "cert": pair.cert, "key": pair.key},
+            "data": {"path": federation.shards["clinic-a"]},
+            "storage": {"state_dir": storage.state_dir},
+        },
+    )
+    assert main(["agent", "backup", "--config", str(cfg), "--out", str(tmp_path / "cli")]) == 0
+    assert f"charged round(s), epsilon {late['epsilon_spent']:.3f}) to" in capsys.readouterr().out
+    assert main(["agent", "restore", "--config", str(cfg), "--from", str(tmp_path / "early")]) == 2
+    assert "refusing to roll the privacy ledger back" in capsys.readouterr().err
     os.remove(tmp_path / "late" / "MANIFEST.json")
     with pytest.raises(IntegrityError, match=r"no MANIFEST\.json"):
         agent_backup.restore(AgentStorage(tmp_path / "other"), tmp_path / "late")
