@@ -8,7 +8,7 @@ snapshot names, each verified against its content hash, and writes ``MANIFEST.js
 last. A backup without a manifest was interrupted and is never restored.
 
 :func:`restore` refuses to roll privacy state back: the ledger holds, per clinic, the
-highest epsilon it reported (see ``Coordinator._check_privacy_floor_locked``), and an
+highest epsilon it reported (see ``aggregator.privacy_floor``), and an
 older ledger would lower that floor. It restores into an empty state directory, or over
 one whose ledger the backup is not older than; the state directory is locked meanwhile,
 so a running aggregator cannot be restored under.
