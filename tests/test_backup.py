@@ -23,7 +23,7 @@ from federation_harness import CLINICS, Federation
 
 from aggregator import backup as agg_backup
 from aggregator.checkpoints import checkpoints_to_prune
-from aggregator.config import RoundsSection, StorageSection
+from aggregator.config import RoundsSection, StorageSection, ValidationSection
 from clinic_agent import backup as agent_backup
 from clinic_agent.config import StorageSection as AgentStorage
 from clinic_agent.privacy import PrivacyConfig
@@ -173,22 +173,27 @@ def test_retention_keeps_every_published_checkpoint_and_the_newest_others():
 def test_retention_removes_rejected_candidates_but_never_a_rollback_target(
     federation: Federation,
 ):
-    cfg = federation.aggregator_config(rounds=_plain(federation))
+    # A gate no candidate passes: every round leaves a rejected candidate behind.
+    cfg = federation.aggregator_config(
+        rounds=_plain(federation),
+        validation=ValidationSection(holdout=federation.holdout, min_balanced_accuracy=0.99),
+    )
     cfg = replace(cfg, storage=replace(cfg.storage, keep_checkpoints=1))
     federation.start_aggregator(cfg)
     _start_agents(federation)
     federation.wait_rounds(4, timeout=240)
     federation.stop()
-    store_ids = set(
-        p.name.removesuffix(".safetensors") for p in cfg.storage.checkpoint_dir.iterdir()
-    )
+    files = cfg.storage.checkpoint_dir.glob("*.safetensors")
+    store_ids = {p.name.removesuffix(".safetensors") for p in files}
     with sqlite3.connect(cfg.storage.ledger_path) as conn:
+        outcomes = [r[0] for r in conn.execute("SELECT outcome FROM rounds ORDER BY number")]
         published = {r[0] for r in conn.execute("SELECT checkpoint FROM publications")}
         recorded = [r[0] for r in conn.execute("SELECT id FROM checkpoints ORDER BY created_at")]
+    assert outcomes[:4] == ["rejected"] * 4
     assert published <= store_ids, "every rollback target stays"
-    unpublished_kept = store_ids - published
-    assert len(unpublished_kept) <= 1
-    assert set(recorded) >= store_ids  # the ledger keeps every record
+    assert len(store_ids - published) == 1, "of the rejected candidates, the newest stays"
+    assert recorded[-1] in store_ids
+    assert len(recorded) >= 5 and set(recorded) >= store_ids  # the ledger keeps every record
 
 
 def test_agent_backup_restore_refuses_to_roll_spending_back(
