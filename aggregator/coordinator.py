@@ -9,7 +9,6 @@ held-out set, publish it, and record everything in the ledger.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -211,12 +210,13 @@ class Coordinator:
         self._seen_at_start = self.ledger.clinics_seen()
         for clinic, at in self._seen_at_start.items():
             self.metrics.clinic_last_seen.labels(clinic=clinic).set(at)
-        latest: dict[str, dict[str, float]] = {}
-        for ev in self.ledger.clinic_events():
-            if ev.event == "privacy" and ev.detail:
-                with contextlib.suppress(ValueError, TypeError):
-                    latest[ev.clinic] = json.loads(ev.detail)
-        for clinic, report in latest.items():
+        for clinic, ev in self.ledger.latest_clinic_events("privacy").items():
+            try:
+                report = json.loads(ev.detail or "")
+            except ValueError:
+                continue
+            if not isinstance(report, dict):
+                continue
             spent, remaining = report.get("epsilon_spent"), report.get("epsilon_remaining")
             if isinstance(spent, int | float) and isinstance(remaining, int | float):
                 self.metrics.clinic_epsilon_spent.labels(clinic=clinic).set(spent)

@@ -505,6 +505,21 @@ class Ledger:
             )
         return [ClinicEvent(int(r[0]), r[1], r[2], r[3], r[4], float(r[5])) for r in rows]
 
+    def latest_clinic_events(self, event: str) -> dict[str, ClinicEvent]:
+        """Each clinic's most recent event of kind ``event`` (one indexed query, no scan)."""
+        with self._lock:
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT id, round, clinic, event, detail, at FROM clinic_events"
+                    " WHERE id IN (SELECT MAX(id) FROM clinic_events WHERE event = ?"
+                    " GROUP BY clinic)",
+                    (event,),
+                )
+                .fetchall()
+            )
+        return {r[2]: ClinicEvent(int(r[0]), r[1], r[2], r[3], r[4], float(r[5])) for r in rows}
+
     # ----------------------------------------------------------------- checkpoints
 
     def record_checkpoint(

@@ -710,3 +710,16 @@ def test_the_privacy_floor_only_rises_except_by_an_audited_reset(ledger: Ledger)
         "acknowledge_privacy_reset",
         "lost",
     )
+
+
+def test_latest_clinic_events_gives_each_clinics_newest_of_one_kind(ledger: Ledger) -> None:
+    ledger.record_clinic_event(None, "clinic-a", "privacy", '{"epsilon_spent": 1}', 1.0)
+    ledger.record_clinic_event(None, "clinic-b", "privacy", '{"epsilon_spent": 5}', 2.0)
+    ledger.record_clinic_event(None, "clinic-a", "privacy", '{"epsilon_spent": 2}', 3.0)
+    ledger.record_clinic_event(None, "clinic-a", "declined", "budget", 4.0)
+    latest = ledger.latest_clinic_events("privacy")
+    assert {c: (e.detail, e.at) for c, e in latest.items()} == {
+        "clinic-a": ('{"epsilon_spent": 2}', 3.0),
+        "clinic-b": ('{"epsilon_spent": 5}', 2.0),
+    }
+    assert ledger.latest_clinic_events("dropped") == {}
