@@ -39,14 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p_init.set_defaults(func=_cmd_init)
 
     p_issue = sub.add_parser("issue", help="issue a certificate for an aggregator, clinic or admin")
-    p_issue.add_argument("--role", required=True, choices=sorted(pki.ROLES))
-    p_issue.add_argument("--name", required=True, help="peer id, e.g. 'clinic-graz'")
-    p_issue.add_argument(
-        "--dns", action="append", default=[], metavar="NAME", help="DNS SAN (repeatable)"
-    )
-    p_issue.add_argument(
-        "--ip", action="append", default=[], metavar="ADDR", help="IP SAN (repeatable)"
-    )
+    _add_identity_arguments(p_issue)
     p_issue.add_argument("--out", required=True, type=Path, help="directory for cert/key")
     p_issue.add_argument(
         "--ca", type=Path, default=None, help="CA directory (default: the --out directory)"
@@ -59,14 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="at the clinic: a new key and a certificate request (the key never leaves)",
     )
     p_request.add_argument("--federation", required=True)
-    p_request.add_argument("--role", required=True, choices=sorted(pki.ROLES))
-    p_request.add_argument("--name", required=True, help="peer id, e.g. 'clinic-graz'")
-    p_request.add_argument(
-        "--dns", action="append", default=[], metavar="NAME", help="DNS SAN (repeatable)"
-    )
-    p_request.add_argument(
-        "--ip", action="append", default=[], metavar="ADDR", help="IP SAN (repeatable)"
-    )
+    _add_identity_arguments(p_request)
     p_request.add_argument("--out", required=True, type=Path, help="directory for key and CSR")
     p_request.set_defaults(func=_cmd_request)
 
@@ -100,6 +86,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p_list.add_argument("--ca", required=True, type=Path, help="CA directory")
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
     p_list.set_defaults(func=_cmd_list)
+
+
+def _add_identity_arguments(parser: argparse.ArgumentParser) -> None:
+    """--role, --name and the DNS/IP names: what a new certificate (or request) names."""
+    parser.add_argument("--role", required=True, choices=sorted(pki.ROLES))
+    parser.add_argument("--name", required=True, help="peer id, e.g. 'clinic-graz'")
+    parser.add_argument(
+        "--dns", action="append", default=[], metavar="NAME", help="DNS SAN (repeatable)"
+    )
+    parser.add_argument(
+        "--ip", action="append", default=[], metavar="ADDR", help="IP SAN (repeatable)"
+    )
 
 
 def _fail(message: str) -> int:
