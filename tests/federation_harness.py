@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
-from pki_fixtures import FederationPKI, make_federation
+from pki_fixtures import CertPair, FederationPKI, make_federation
 from prometheus_client import CollectorRegistry
 
 from aggregator.config import (
@@ -49,6 +49,7 @@ from clinic_agent.metrics import AgentMetrics
 from common.datasets import group_split, load_records
 from common.partition import dirichlet_partition, write_index
 from common.tls import channel_credentials, secure_channel
+from dermafed.demo import write_toml
 from dermafed.v1 import federation_pb2, federation_pb2_grpc
 
 HAM = Path(
@@ -163,6 +164,34 @@ class Federation:
             ),
         )
         return replace(cfg, **sections)
+
+    def write_clinic_toml(
+        self,
+        path: Path,
+        name: str,
+        state_dir: Path,
+        *,
+        address: str = "localhost:1",
+        cert: CertPair | None = None,
+        **sections: Any,
+    ) -> Path:
+        """A clinic TOML as an operator writes it, for tests that run the real CLI.
+
+        ``cert`` defaults to the clinic's own pair; ``sections`` add or replace sections.
+        """
+        pair = cert or self.pki.clinics[name]
+        write_toml(
+            path,
+            {
+                "federation": self.pki.federation,
+                "aggregator": {"address": address},
+                "tls": {"ca_cert": self.pki.ca_cert, "cert": pair.cert, "key": pair.key},
+                "data": {"path": self.shards[name]},
+                "storage": {"state_dir": state_dir},
+                **sections,
+            },
+        )
+        return path
 
     def start_agent(self, name: str, config: ClinicConfig | None = None) -> RunningAgent:
         registry = CollectorRegistry()

@@ -223,18 +223,7 @@ def test_agent_backup_restore_refuses_to_roll_spending_back(
     # Restoring the same backup again is allowed (nothing is rolled back).
     agent_backup.restore(fresh, tmp_path / "late")
     # The same through the command line, as an operator types it.
-    pki, pair = federation.pki, federation.pki.clinics["clinic-a"]
-    cfg = tmp_path / "clinic-a.toml"
-    write_toml(
-        cfg,
-        {
-            "federation": pki.federation,
-            "aggregator": {"address": "localhost:1"},
-            "tls": {"ca_cert": pki.ca_cert, "cert": pair.cert, "key": pair.key},
-            "data": {"path": federation.shards["clinic-a"]},
-            "storage": {"state_dir": storage.state_dir},
-        },
-    )
+    cfg = federation.write_clinic_toml(tmp_path / "clinic-a.toml", "clinic-a", storage.state_dir)
     assert main(["agent", "backup", "--config", str(cfg), "--out", str(tmp_path / "cli")]) == 0
     assert f"charged round(s), epsilon {late['epsilon_spent']:.3f}) to" in capsys.readouterr().out
     assert main(["agent", "restore", "--config", str(cfg), "--from", str(tmp_path / "early")]) == 2

@@ -20,7 +20,6 @@ from federation_harness import CLINICS, Federation, code_of, raw_clinics
 
 from aggregator.config import PlanSection, RoundsSection
 from common.tls import channel_credentials, secure_channel
-from dermafed.demo import write_toml
 from dermafed.v1 import admin_pb2, admin_pb2_grpc, federation_pb2
 
 
@@ -162,22 +161,12 @@ def test_a_real_agent_restarted_with_a_fresh_state_dir_stops_and_says_why(
     federation.agents.pop("clinic-a").stop()
 
     # The same certificate, a new state_dir: an empty privacy ledger.
-    pki = federation.pki
-    clinic_toml = tmp_path / "clinic-a.toml"
-    write_toml(
-        clinic_toml,
-        {
-            "federation": pki.federation,
-            "aggregator": {"address": f"localhost:{service.port}"},
-            "tls": {
-                "ca_cert": pki.ca_cert,
-                "cert": pki.clinics["clinic-a"].cert,
-                "key": pki.clinics["clinic-a"].key,
-            },
-            "data": {"path": federation.shards["clinic-a"]},
-            "storage": {"state_dir": tmp_path / "clinic-a-new-state"},
-            "network": {"poll_wait_s": 1.0},
-        },
+    clinic_toml = federation.write_clinic_toml(
+        tmp_path / "clinic-a.toml",
+        "clinic-a",
+        tmp_path / "clinic-a-new-state",
+        address=f"localhost:{service.port}",
+        network={"poll_wait_s": 1.0},
     )
     proc = subprocess.run(
         [sys.executable, "-m", "dermafed.cli", "agent", "run", "--config", str(clinic_toml)],

@@ -209,18 +209,11 @@ def test_a_state_dir_that_cannot_be_created_is_one_line(federation: Federation, 
 def test_an_agent_with_an_admin_certificate_stops_with_one_line(
     federation: Federation, tmp_path: Path
 ):
-    pki = federation.pki
-    admin = pki.admins["alice"]
-    cfg = tmp_path / "agent.toml"
-    write_toml(
-        cfg,
-        {
-            "federation": pki.federation,
-            "aggregator": {"address": "localhost:1"},
-            "tls": {"ca_cert": pki.ca_cert, "cert": admin.cert, "key": admin.key},
-            "data": {"path": federation.shards["clinic-a"]},
-            "storage": {"state_dir": tmp_path / "agent-state"},
-        },
+    cfg = federation.write_clinic_toml(
+        tmp_path / "agent.toml",
+        "clinic-a",
+        tmp_path / "agent-state",
+        cert=federation.pki.admins["alice"],
     )
     proc = subprocess.run(
         [sys.executable, "-m", "dermafed.cli", "agent", "run", "--config", str(cfg)],
