@@ -18,7 +18,6 @@ from aggregator.domain import PrivacyReport, RoundPlan, RoundView
 from aggregator.metrics import AggregatorMetrics
 from aggregator.round_modes import SecAggStageData, UploadHeader
 from common.errors import (
-    PRIVACY_RESET,
     REFUSAL_KEY,
     BusyError,
     DermafedError,
@@ -30,7 +29,6 @@ from common.errors import (
     NotInCohortError,
     PayloadTooLargeError,
     PreconditionError,
-    PrivacyResetError,
     StaleRoundError,
 )
 from common.identity import Identity, PeerAuthenticator, RevocationList
@@ -90,8 +88,8 @@ class _Base:
         try:
             return fn()
         except DermafedError as exc:
-            if isinstance(exc, PrivacyResetError):
-                context.set_trailing_metadata(((REFUSAL_KEY, PRIVACY_RESET),))
+            if exc.refusal is not None:
+                context.set_trailing_metadata(((REFUSAL_KEY, exc.refusal),))
             self._abort(context, method, status_for(exc), str(exc))
 
     def _identity(self, context: grpc.ServicerContext, method: str, *roles: str) -> Identity:

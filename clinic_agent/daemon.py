@@ -37,7 +37,7 @@ from common.datasets import (
     public_class_weights,
     public_logit_offsets,
 )
-from common.errors import PRIVACY_RESET, REFUSAL_KEY, PrivacyResetError
+from common.errors import REFUSAL_KEY, PrivacyResetError
 from common.features import FeatureCache
 from common.fsutil import StateDirLock, atomic_write
 from common.identity import IdentityError, identity_from_certificate, own_identity
@@ -485,7 +485,8 @@ class ClinicAgent:
 def _is_privacy_reset_refusal(exc: grpc.RpcError) -> bool:
     trailing = getattr(exc, "trailing_metadata", None)
     metadata = trailing() if callable(trailing) else None
-    return any(key == REFUSAL_KEY and value == PRIVACY_RESET for key, value in metadata or ())
+    refusal = PrivacyResetError.refusal
+    return any(key == REFUSAL_KEY and value == refusal for key, value in metadata or ())
 
 
 def _require_current(cert: x509.Certificate, path: Path) -> None:

@@ -6,9 +6,18 @@ Pure logic raises these; the thin gRPC servicers map each class to one status co
 
 from __future__ import annotations
 
+# Trailing-metadata key under which a servicer names a refusal the caller must act on.
+REFUSAL_KEY = "dermafed-refusal"
+
 
 class DermafedError(Exception):
-    """Base class: every error the project raises on purpose."""
+    """Base class: every error the project raises on purpose.
+
+    ``refusal``, where a subclass sets it, travels to the caller as trailing metadata
+    (``REFUSAL_KEY``), so a client can tell this refusal from others of the same status.
+    """
+
+    refusal: str | None = None
 
 
 class InvalidArgumentError(DermafedError):
@@ -44,16 +53,10 @@ class PreconditionError(DermafedError):
 
 
 class PrivacyResetError(PreconditionError):
-    """A clinic reported less epsilon spent than before: its privacy ledger was reset.
+    """A clinic reported less epsilon spent than before: its privacy ledger was reset."""
 
-    The aggregator marks this refusal in the call's trailing metadata
-    (``REFUSAL_KEY: PRIVACY_RESET``) so the agent can tell it from other preconditions and
-    stop instead of retrying.
-    """
-
-
-REFUSAL_KEY = "dermafed-refusal"
-PRIVACY_RESET = "privacy-reset"
+    # The agent stops on this refusal instead of retrying (see DermafedError.refusal).
+    refusal = "privacy-reset"
 
 
 class PayloadTooLargeError(DermafedError):
