@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from common.architectures import ARCHITECTURES
+from common.efficientnet_lite import HEAD_CHANNELS, EfficientNetLite0
 from common.errors import ConfigError
 from common.scattering import ScatteringFrontend
 
@@ -279,6 +280,59 @@ class ScatterNet(nn.Module):
         return self.head(self.frontend(x))
 
 
+class FrozenTrunk(nn.Module):
+    """The ImageNet EfficientNet-Lite0 trunk as a fixed feature extractor: (N, 1280).
+
+    The weights are public (``common.pretrained``) and never change, so they are kept
+    outside the module tree: not in ``parameters()`` (nothing trains them, Opacus never
+    sees their BatchNorms), not in ``state_dict()`` (checkpoints, deltas and the noise of
+    clinic-level DP cover the head alone). BatchNorm runs on the ImageNet statistics, so
+    an image's features do not depend on the other images of its batch and can be
+    computed once (``common.features.FeatureCache``).
+    """
+
+    net: EfficientNetLite0
+
+    def __init__(self, input_size: int) -> None:
+        super().__init__()
+        from common.pretrained import trunk_state
+
+        net = EfficientNetLite0(1, input_size, 0.0, NORMALISATION["mean"], NORMALISATION["std"])
+        state = net.state_dict()
+        net.load_state_dict({**state, **trunk_state(state)})
+        net.eval().requires_grad_(False)
+        self.__dict__["net"] = net  # bypasses Module.__setattr__: not a registered child
+
+    def train(self, mode: bool = True) -> FrozenTrunk:
+        super().train(mode)
+        self.net.eval()  # ImageNet statistics always, whatever the caller's mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+
+class PretrainedHead(nn.Module):
+    """``efficientnet_lite0_head``: fixed ImageNet Lite0 features -> dropout -> linear.
+
+    The DP recipe's model: DP-SGD's noise lands on 9k head parameters instead of the
+    trunk's 3.4 M, and the trunk's features, learned on public data, carry what a
+    small private data set cannot teach under noise. The head starts at zero (every
+    class equally likely), which DP training with few steps benefits from.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.frontend = FrozenTrunk(cfg.input_size)
+        classifier = nn.Linear(HEAD_CHANNELS, cfg.num_classes)
+        nn.init.zeros_(classifier.weight)
+        nn.init.zeros_(classifier.bias)
+        self.head = nn.Sequential(nn.Dropout(cfg.dropout), classifier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.frontend(x))  # type: ignore[no-any-return]
+
+
 def frontend_of(model: nn.Module) -> nn.Module | None:
     """The model's fixed (parameter-free) front end, or None when every layer trains."""
     frontend = getattr(model, "frontend", None)
@@ -298,15 +352,35 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         return LesionNet(cfg)
     if cfg.arch == "scatternet":
         return ScatterNet(cfg)
+    if cfg.arch == "efficientnet_lite0_head":
+        return PretrainedHead(cfg)
+    if cfg.arch == "efficientnet_lite0":
+        return EfficientNetLite0(
+            cfg.num_classes,
+            cfg.input_size,
+            cfg.dropout,
+            NORMALISATION["mean"],
+            NORMALISATION["std"],
+        )
     raise ConfigError(f"model.arch: unknown architecture {cfg.arch!r}")  # pragma: no cover
 
 
 def initial_state(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """The initial float32 weights for ``seed``, without touching the global RNG state."""
+    """The round-0 float32 weights for ``seed``, without touching the global RNG state.
+
+    A pretrained architecture gets its trunk from the public ImageNet weights
+    (:mod:`common.pretrained`, checked by SHA-256) and a fresh head; the others are
+    initialised from ``seed`` alone.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(cfg)
-    return {k: v.detach().clone().to(torch.float32) for k, v in model.state_dict().items()}
+    state = {k: v.detach().clone().to(torch.float32) for k, v in model.state_dict().items()}
+    if cfg.arch == "efficientnet_lite0":
+        from common.pretrained import trunk_state  # reads an 18 MB file: only when needed
+
+        state.update(trunk_state(state))
+    return state
 
 
 def parameter_count(model: nn.Module) -> int:
