@@ -13,15 +13,23 @@ Three layouts are recognised by :func:`load_records`:
   are two photographs of lesion ``L17`` and are kept on the same side of every split.
 * **Index CSV** – a ``.csv`` file with header ``image_id,lesion_id,dx,path`` (as written
   by :func:`common.partition.write_index`); ``path`` is absolute or relative to the
-  index file's directory.
+  index file's directory. Optional extra columns ``sex,age,localization`` carry the case
+  metadata; an index without them (the original four-column format) is still read.
 
 Images are never copied: a :class:`Record` only points at the file.
+
+Case metadata (``sex``, ``age`` in years, ``localization`` = body site) comes from the
+HAM10000 metadata columns of the same names, or from an index CSV that has them. It is
+only used to break evaluation down by subgroup, so it is read leniently: an empty cell,
+``unknown`` or an age that is not a non-negative number becomes None (not recorded)
+instead of an error. Class folders carry no metadata (all None).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import secrets
 from collections import Counter, defaultdict
@@ -42,6 +50,8 @@ NUM_CLASSES = len(CLASSES)
 
 HAM_METADATA = "HAM10000_metadata.csv"
 INDEX_HEADER: tuple[str, ...] = ("image_id", "lesion_id", "dx", "path")
+# Optional case-metadata columns, after INDEX_HEADER in an index CSV (HAM10000's names).
+METADATA_COLUMNS: tuple[str, ...] = ("sex", "age", "localization")
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
 LESION_SEPARATOR = "__"
 
@@ -56,10 +66,21 @@ class Record:
     lesion_id: str
     label: int
     path: Path
+    # Case metadata, None when not recorded (see the module docstring).
+    sex: str | None = None
+    age: float | None = None
+    localization: str | None = None
 
     @property
     def dx(self) -> str:
         return CLASSES[self.label]
+
+
+def class_names(num_classes: int) -> tuple[str, ...]:
+    """The HAM10000 codes for a model with their number of classes, else ``class<i>``."""
+    if num_classes == len(CLASSES):
+        return CLASSES
+    return tuple(f"class{i}" for i in range(num_classes))
 
 
 def label_of(dx: str, where: str) -> int:
@@ -70,6 +91,28 @@ def label_of(dx: str, where: str) -> int:
             f"{where}: unknown diagnosis code {dx!r}; expected one of {', '.join(CLASSES)}"
         )
     return CLASS_INDEX[code]
+
+
+def _text_field(raw: str | None) -> str | None:
+    value = (raw or "").strip().lower()
+    return None if value in ("", "unknown") else value
+
+
+def _age_field(raw: str | None) -> float | None:
+    try:
+        age = float((raw or "").strip())
+    except ValueError:
+        return None
+    return age if math.isfinite(age) and age >= 0 else None
+
+
+def _metadata(row: dict[str, str]) -> dict[str, Any]:
+    """The optional metadata of a CSV row as Record keyword arguments."""
+    return {
+        "sex": _text_field(row.get("sex")),
+        "age": _age_field(row.get("age")),
+        "localization": _text_field(row.get("localization")),
+    }
 
 
 def load_records(source: str | Path) -> list[Record]:
@@ -120,7 +163,7 @@ def _load_ham(root: Path) -> list[Record]:
         name = f"{image_id}.jpg"
         if name not in present:
             continue  # this copy holds only part of the archive
-        records.append(Record(image_id, lesion_id, label, images / name))
+        records.append(Record(image_id, lesion_id, label, images / name, **_metadata(row)))
     return records
 
 
@@ -169,7 +212,7 @@ def _load_index(index: Path) -> list[Record]:
             path = base / path
         if not path.is_file():
             raise DatasetError(f"{where}: image file {path} does not exist")
-        records.append(Record(image_id, lesion_id, label, path))
+        records.append(Record(image_id, lesion_id, label, path, **_metadata(row)))
     return records
 
 

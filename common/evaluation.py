@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.datasets import CLASSES, DatasetError, ImageCache, labels_of, load_records
+from common.datasets import (
+    DatasetError,
+    ImageCache,
+    Record,
+    class_names,
+    labels_of,
+    load_records,
+)
 from common.errors import InvalidUpdateError
 from common.features import FeatureCache, model_inputs
 from common.model import ModelConfig, build_model, to_input, trainable_part
@@ -54,12 +61,6 @@ class EvalMetrics:
             return v
 
         return {k: clean(v) for k, v in asdict(self).items()}
-
-
-def class_names(num_classes: int) -> tuple[str, ...]:
-    if num_classes == len(CLASSES):
-        return CLASSES
-    return tuple(f"class{i}" for i in range(num_classes))
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -185,14 +186,14 @@ def predict_proba(
     return out
 
 
-def evaluate_checkpoint(
+def checkpoint_predictions(
     path: str | Path,
     data: str | Path,
     size: int | None = None,
     *,
     cache: ImageCache | None = None,
-) -> EvalMetrics:
-    """Metrics of the checkpoint at ``path`` on the records under ``data``.
+) -> tuple[list[Record], np.ndarray]:
+    """The records under ``data`` and the checkpoint's class probabilities (N, K) for them.
 
     ``size`` overrides the input size stored in the checkpoint (rarely useful: the model
     was trained at that size). Pass a long-lived ``cache`` to decode a fixed holdout once.
@@ -205,5 +206,17 @@ def evaluate_checkpoint(
     images = (cache if cache is not None else ImageCache()).load(
         records, size or model_cfg.input_size
     )
-    probs = predict_proba(model_cfg, state, images)
+    return records, predict_proba(model_cfg, state, images)
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    data: str | Path,
+    size: int | None = None,
+    *,
+    cache: ImageCache | None = None,
+) -> EvalMetrics:
+    """Metrics of the checkpoint at ``path`` on the records under ``data`` (arguments as
+    for :func:`checkpoint_predictions`)."""
+    records, probs = checkpoint_predictions(path, data, size, cache=cache)
     return compute_metrics(labels_of(records), probs)

@@ -26,6 +26,7 @@ import numpy as np
 from common.datasets import (
     CLASSES,
     INDEX_HEADER,
+    METADATA_COLUMNS,
     NUM_CLASSES,
     DatasetError,
     Record,
@@ -182,16 +183,33 @@ def iid_partition(
     return dirichlet_partition(records, clinics, math.inf, seed, min_per_clinic)
 
 
+def _age_cell(age: float | None) -> str:
+    if age is None:
+        return ""
+    return str(int(age)) if float(age).is_integer() else repr(float(age))
+
+
 def write_index(records: Sequence[Record], path: Path) -> None:
-    """Write an index CSV (``image_id,lesion_id,dx,path`` with absolute paths), atomically."""
+    """Write an index CSV (``image_id,lesion_id,dx,path`` with absolute paths), atomically.
+
+    When any record carries case metadata, the columns ``sex,age,localization`` follow
+    (empty cells where not recorded), so evaluation on the index can still report by
+    subgroup; without metadata the file has the original four columns.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with_metadata = any(
+        r.sex is not None or r.age is not None or r.localization is not None for r in records
+    )
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(INDEX_HEADER)
+        writer.writerow(INDEX_HEADER + METADATA_COLUMNS if with_metadata else INDEX_HEADER)
         for r in records:
-            writer.writerow([r.image_id, r.lesion_id, r.dx, str(Path(r.path).resolve())])
+            row = [r.image_id, r.lesion_id, r.dx, str(Path(r.path).resolve())]
+            if with_metadata:
+                row += [r.sex or "", _age_cell(r.age), r.localization or ""]
+            writer.writerow(row)
     os.replace(tmp, path)
 
 

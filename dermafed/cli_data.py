@@ -136,31 +136,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.4f}"
-
-
 @_user_errors
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from common.datasets import HIGH_RISK
-    from common.evaluation import evaluate_checkpoint
+    from common.clinical_metrics import clinical_metrics, record_groups
+    from common.datasets import labels_of
+    from common.evaluation import checkpoint_predictions, compute_metrics
+    from dermafed.clinical_report import check_html_target, render_text, write_html
 
-    metrics = evaluate_checkpoint(Path(args.checkpoint), Path(args.data), args.size)
+    html = Path(args.html) if args.html else None
+    if html is not None:
+        check_html_target(html)  # before the slow part
+    records, probs = checkpoint_predictions(Path(args.checkpoint), Path(args.data), args.size)
+    labels = labels_of(records)
+    report = clinical_metrics(labels, probs, record_groups(records))
     if args.json:
-        print(json.dumps(metrics.to_dict(), indent=2, sort_keys=True))
-        return 0
-    print(f"examples           {metrics.examples}")
-    print(f"accuracy           {_fmt(metrics.accuracy)}")
-    print(f"balanced accuracy  {_fmt(metrics.balanced_accuracy)}")
-    print(f"macro AUROC        {_fmt(metrics.macro_auroc)}")
-    print(f"ECE (15 bins)      {_fmt(metrics.expected_calibration_error)}")
-    print(f"{'class':<8}{'sensitivity':>12}{'specificity':>12}{'AUROC':>8}")
-    for name, sens in metrics.sensitivity.items():
-        spec = metrics.specificity.get(name, float("nan"))
-        auc = metrics.auroc.get(name, float("nan"))
-        flag = " *" if name in HIGH_RISK else ""
-        print(f"{name:<8}{_fmt(sens):>12}{_fmt(spec):>12}{_fmt(auc):>8}{flag}")
-    print("* high-risk class; classes without examples are not listed")
+        # The flat keys the gate records (sensitivity by class, ...) stay as they were;
+        # their values are the gate's own numbers.
+        print(
+            json.dumps(
+                {**report.to_dict(), **compute_metrics(labels, probs).to_dict()},
+                indent=2,
+                sort_keys=True,
+                allow_nan=False,
+            )
+        )
+    else:
+        print(render_text(report), end="")
+    if html is not None:
+        write_html(html, report, args.checkpoint, args.data)
+        print(f"wrote {html}", file=sys.stderr)
     return 0
 
 
@@ -210,9 +214,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("images", metavar="IMAGE", nargs="+")
     predict.set_defaults(func=cmd_predict)
 
-    evaluate = subparsers.add_parser("evaluate", help="metrics of a checkpoint on a data set")
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="metrics of a checkpoint on a data set",
+        description="Per-class sensitivity and specificity with 95 % intervals and case "
+        "counts, AUROC, calibration, the confusion matrix, and the same by sex, age band "
+        "and body site where the data has that metadata.",
+    )
     evaluate.add_argument("--checkpoint", required=True, help="safetensors checkpoint")
     evaluate.add_argument("--data", required=True, help="HAM10000 folder, class folders or CSV")
     evaluate.add_argument("--size", type=_positive_int, default=None, help=argparse.SUPPRESS)
     evaluate.add_argument("--json", action="store_true", help="print metrics as JSON")
+    evaluate.add_argument(
+        "--html", metavar="OUT.html", default=None, help="also write a standalone HTML page"
+    )
     evaluate.set_defaults(func=cmd_evaluate)

@@ -485,6 +485,14 @@ def plot_confusion(report: Report, path: Path) -> bool:
     matrix = confusion_matrix(report.published_metrics)
     if matrix is None:
         return False
+    title = "Published model on the held-out set\n(numbers: counts; colour: share of row)"
+    confusion_figure(matrix, title).savefig(path, format="png")
+    return True
+
+
+def confusion_figure(matrix: Sequence[Sequence[int]], title: str) -> Figure:
+    """A square confusion matrix (rows true, columns predicted): counts in the cells,
+    colour the share of the row, row labels with the row's total, high-risk labels red."""
     import numpy as np
 
     counts = np.asarray(matrix, dtype=np.int64)
@@ -514,10 +522,9 @@ def plot_confusion(report: Report, path: Path) -> bool:
             tick.set_fontweight("bold")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class (examples)")
-    ax.set_title("Published model on the held-out set\n(numbers: counts; colour: share of row)")
+    ax.set_title(title)
     fig.colorbar(image, ax=ax, label="share of the true class", shrink=0.85)
-    fig.savefig(path, format="png")
-    return True
+    return fig
 
 
 def _plot_participation_grid(ax: Axes, report: Report, rounds: Sequence[int]) -> None:

@@ -207,6 +207,64 @@ def test_index_csv_round_trip_and_relative_paths(tmp_path: Path, synthetic: Path
         load_records(rel)
 
 
+def test_ham_metadata_is_kept_on_records_and_through_an_index(ham_subset, tmp_path: Path) -> None:
+    root, rows, _ = ham_subset
+    records = load_records(root)
+    by_id = {r["image_id"]: r for r in rows}
+
+    def expected(text: str) -> str | None:
+        return None if text.strip().lower() in ("", "unknown") else text.strip().lower()
+
+    for rec in records:
+        row = by_id[rec.image_id]
+        assert rec.sex == expected(row["sex"])
+        assert rec.localization == expected(row["localization"])
+        assert rec.age == (float(row["age"]) if row["age"].strip() else None)
+    assert any(r.sex == "female" for r in records) and any(r.age for r in records)
+    index = tmp_path / "with-metadata.csv"
+    write_index(records, index)
+    with index.open(newline="") as fh:
+        assert next(csv.reader(fh)) == [
+            "image_id",
+            "lesion_id",
+            "dx",
+            "path",
+            "sex",
+            "age",
+            "localization",
+        ]
+    assert load_records(index) == [
+        Record(r.image_id, r.lesion_id, r.label, r.path.resolve(), r.sex, r.age, r.localization)
+        for r in records
+    ]
+
+
+def test_records_without_metadata_keep_the_four_column_index(
+    tmp_path: Path, synthetic: Path
+) -> None:
+    # Class folders carry no metadata; the synthetic set's is all "unknown" or empty.
+    _write_image(tmp_path / "folders" / "mel" / "a.jpg", (60, 40, 30))
+    for records in (load_records(tmp_path / "folders"), load_records(synthetic)):
+        assert {(r.sex, r.age, r.localization) for r in records} == {(None, None, None)}
+        write_index(records, tmp_path / "plain.csv")
+        header = (tmp_path / "plain.csv").read_text(encoding="utf-8").splitlines()[0]
+        assert header == "image_id,lesion_id,dx,path"
+    # A hand-written index: metadata columns optional, cells lenient (bad age = unknown).
+    _write_image(tmp_path / "imgs" / "x.png", (200, 10, 10))
+    index = tmp_path / "meta.csv"
+    index.write_text(
+        "image_id,lesion_id,dx,path,sex,age,localization\n"
+        "x,Lx,mel,imgs/x.png,Female,62.5,Back\n"
+        "y,Ly,nv,imgs/x.png,unknown,n/a,\n",
+        encoding="utf-8",
+    )
+    x, y = load_records(index)
+    assert (x.sex, x.age, x.localization) == ("female", 62.5, "back")
+    assert (y.sex, y.age, y.localization) == (None, None, None)
+    write_index([x, y], tmp_path / "again.csv")
+    assert load_records(tmp_path / "again.csv") == [x, y]
+
+
 # --- lesion-grouped split -----------------------------------------------------------------
 
 
