@@ -50,6 +50,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from clinic_agent.privacy import MechanismStep
 from clinic_agent.training import (
@@ -91,6 +92,16 @@ class DPTrainResult(TrainResult):
 
 def check_dp_compatible(model: nn.Module) -> None:
     """Refuse models whose per-example gradients are undefined (BatchNorm mixes examples)."""
+    # Opacus's validator matches BatchNorm by exact class, so a subclass (the pretrained
+    # trunk's, common.efficientnet_lite.BatchNorm) would reach its hooks and fail there
+    # with a list of NotImplementedErrors.
+    batchnorms = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    if batchnorms:
+        raise DPModelError(
+            f"model is not compatible with DP-SGD (per-example gradients): {len(batchnorms)} "
+            f"BatchNorm layer(s), first {batchnorms[0]!r}; train the frozen-trunk variant "
+            "(efficientnet_lite0_head) or a GroupNorm model under DP"
+        )
     try:
         ModuleValidator.validate(model, strict=True)
     except UnsupportedModuleError as exc:

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clinic_agent.dp_training import DPModelError, train_dp
+from clinic_agent.privacy import round_mechanism
+from clinic_agent.training import TrainConfig, compute_delta, train_local
 from common import pretrained
 from common.efficientnet_lite import (
     EfficientNetLite0,
@@ -22,7 +25,7 @@ from common.efficientnet_lite import (
     same_padding,
     wheel_key,
 )
-from common.features import compute_features
+from common.features import FeatureCache, compute_features
 from common.model import (
     ModelConfig,
     build_model,
@@ -35,6 +38,9 @@ from common.tensors import checkpoint_bytes, load_checkpoint_bytes
 
 LITE0 = ModelConfig(arch="efficientnet_lite0", input_size=64, dropout=0.0)
 HEAD = ModelConfig(arch="efficientnet_lite0_head", input_size=64, dropout=0.0)
+
+# torch warns on every backward through Opacus's hooks when the input needs no gradient.
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 
 @pytest.mark.parametrize(
@@ -166,3 +172,54 @@ def test_module_has_no_hidden_trainable_parameters():
     model = build_model(HEAD)
     assert isinstance(model.frontend.net, nn.Module)
     assert all(not p.requires_grad for p in model.frontend.net.parameters())
+
+
+# -- training through the project's own loops -------------------------------------------
+
+
+def _images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic tensors (not patient data): class-dependent colour plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 7, n)
+    base = (labels[:, None, None, None] * 30 + 40).astype(np.float64)
+    images = np.clip(base + rng.normal(0, 25, (n, size, size, 3)), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def test_fine_tuning_moves_trunk_head_and_batchnorm_statistics_and_keeps_the_layout():
+    images, labels = _images(24, LITE0.input_size)
+    start = initial_state(LITE0, seed=0)
+    cfg = TrainConfig(epochs=1, optimizer="adam", learning_rate=1e-3, batch_size=8, seed=1)
+    result = train_local(LITE0, start, images, labels, cfg, threads=1)
+    assert list(result.state) == list(start)
+    for key in ("trunk.0.conv.weight", "classifier.weight", "trunk.1.running_mean"):
+        assert not torch.equal(result.state[key], start[key]), key
+    delta = compute_delta(result.state, start)
+    assert all(torch.isfinite(v).all() for v in delta.values())
+    # The same seed gives the same weights (what makes a round reproducible).
+    again = train_local(LITE0, start, images, labels, cfg, threads=1)
+    assert all(torch.equal(result.state[k], again.state[k]) for k in start)
+
+
+def test_dp_sgd_refuses_the_batchnorm_trunk_with_a_clear_error():
+    images, labels = _images(32, LITE0.input_size)
+    mech = round_mechanism(32, 8, 1, 1.0)
+    cfg = TrainConfig(epochs=1, batch_size=8, class_weighting="none")
+    with pytest.raises(DPModelError, match="BatchNorm"):
+        train_dp(LITE0, initial_state(LITE0, 0), images, labels, cfg, mech, max_grad_norm=1.0)
+
+
+def test_dp_sgd_trains_only_the_head_on_cached_trunk_features():
+    images, labels = _images(32, HEAD.input_size)
+    start = initial_state(HEAD, 0)
+    mech = round_mechanism(32, 8, 2, 1.0)
+    cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=0.02, optimizer="adam")
+    cache = FeatureCache()
+    result = train_dp(
+        HEAD, start, images, labels, cfg, mech, max_grad_norm=1.0, threads=1, features=cache
+    )
+    assert list(result.state) == ["head.1.weight", "head.1.bias"]
+    assert not torch.equal(result.state["head.1.weight"], start["head.1.weight"])
+    assert cache.computed == 32
+    train_dp(HEAD, result.state, images, labels, cfg, mech, max_grad_norm=1.0, features=cache)
+    assert cache.computed == 32  # the next round reuses every image's features
