@@ -621,6 +621,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
     p.add_argument(
+        "--features-file",
+        type=Path,
+        default=None,
+        help="keep the front end's features in this .npz across runs (computed once)",
+    )
+    p.add_argument(
         "--compare-lesionres",
         action="store_true",
         help="also run the ε=8 row with the end-to-end lesionres model",
@@ -764,9 +770,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Once per image, before any row (the agent does it in its first round), so that
         # no row's training time includes it.
         t0 = time.perf_counter()
+        if args.features_file is not None and args.features_file.is_file():
+            log(
+                f"front-end features: {features.load(args.features_file)} read from "
+                f"{args.features_file}"
+            )
         with torch_threads(args.threads):
             for data in (*clinics, test):
                 features.features(recipe.model_config(), data.images)
+        if args.features_file is not None and features.computed:
+            features.save(args.features_file)
         log(
             f"front-end features: {features.computed} images in "
             f"{time.perf_counter() - t0:.1f}s, once for every row"

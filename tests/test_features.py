@@ -227,3 +227,14 @@ def test_threads_sharing_a_cache_get_the_same_features_and_compute_each_image_on
     for got in results[1:]:
         np.testing.assert_array_equal(got, results[0])
     assert cache.computed == 6 and len(cache) == 6
+
+
+def test_saved_features_are_served_after_loading_without_recomputing(tmp_path):
+    images = _images(4)
+    first = FeatureCache()
+    expected = first.features(SCATTER, images)
+    assert first.save(tmp_path / "features.npz") == 4
+    second = FeatureCache()
+    assert second.load(tmp_path / "features.npz") == 4
+    np.testing.assert_array_equal(second.features(SCATTER, images), expected)
+    assert second.computed == 0
