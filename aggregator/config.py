@@ -9,7 +9,7 @@ from aggregator.gate import GateSettings
 from aggregator.schedule import validate_schedule
 from common.config import LoggingSection, MetricsSection, load_config, parse_hostport, require
 from common.datasets import CLASSES
-from common.model import ModelConfig
+from common.model import DP_ARCH, RECIPE_PLANS, ModelConfig
 
 AGGREGATION_MODES = ("plain", "secure")
 
@@ -86,8 +86,9 @@ class StorageSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    arch: str = "lesionres"
-    input_size: int = 64
+    # The DP recipe's model, as clinics train with DP-SGD unless their officer turns it off.
+    arch: str = DP_ARCH
+    input_size: int = RECIPE_PLANS[DP_ARCH].input_size
     width: int = 24
     dropout: float = 0.1
     seed: int = 0

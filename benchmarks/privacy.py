@@ -645,6 +645,7 @@ DP_RECIPE = replace(
     class_prior="public",
     learning_rate=RECIPE_PLANS[DP_ARCH].learning_rate,
     batch_size=RECIPE_PLANS[DP_ARCH].batch_size,
+    input_size=RECIPE_PLANS[DP_ARCH].input_size,
 )
 DP_ROUNDS = 30
 

@@ -18,6 +18,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ class FeatureCache:
         images); returns the number of entries written."""
         with self._lock:
             keys = list(self._entries)
-            arrays = {f"{k}|{d.hex()}": self._entries[(k, d)] for k, d in keys}
+            arrays: dict[str, Any] = {f"{k}|{d.hex()}": self._entries[(k, d)] for k, d in keys}
         np.savez(Path(path), **arrays)
         return len(keys)
 

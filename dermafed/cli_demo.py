@@ -45,16 +45,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="base local learning rate (Adam; decays across rounds; default: "
-        "the recipe's, 0.02 with DP, 0.002 without)",
+        "the recipe's, 0.02 with DP, 0.001 without)",
     )
     demo.add_argument(
         "--model",
         dest="arch",
         choices=ARCHITECTURES,
         default=None,
-        help="model architecture (default: scatternet with DP, lesionres without)",
+        help="model architecture (default: efficientnet_lite0_head with DP, "
+        "efficientnet_lite0 without)",
     )
-    demo.add_argument("--image-size", type=int, default=64, help="model input size in pixels")
+    demo.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="model input size in pixels (default: the recipe's, 128)",
+    )
     demo.add_argument(
         "--max-images", type=int, default=0, help="use at most this many images of --data (0: all)"
     )

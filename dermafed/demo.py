@@ -49,7 +49,7 @@ class DemoOptions:
     # None: the measured recipe's, chosen by whether DP is on (see model_arch).
     learning_rate: float | None = None
     arch: str | None = None
-    input_size: int = 64
+    input_size: int | None = None  # None: the recipe's (RECIPE_PLANS)
     aggregation: str = "secure"
     dp: bool = True
     epsilon_max: float = 8.0
@@ -62,6 +62,10 @@ class DemoOptions:
     @property
     def model_arch(self) -> str:
         return self.arch or (DP_ARCH if self.dp else PLAIN_ARCH)
+
+    @property
+    def model_input_size(self) -> int:
+        return self.input_size or RECIPE_PLANS[self.model_arch].input_size
 
     @property
     def base_learning_rate(self) -> float:
@@ -189,7 +193,11 @@ def write_configs(
             "storage": {"state_dir": workdir / "state" / "aggregator"},
             # Prometheus metrics on localhost, so a newcomer can look at what operators see.
             "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-            "model": {"arch": opts.model_arch, "input_size": opts.input_size, "seed": opts.seed},
+            "model": {
+                "arch": opts.model_arch,
+                "input_size": opts.model_input_size,
+                "seed": opts.seed,
+            },
             "rounds": {
                 "aggregation": opts.aggregation,
                 # Secure aggregation needs at least 2 survivors (and 2t > cohort).

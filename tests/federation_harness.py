@@ -61,7 +61,7 @@ HAM = Path(
 
 CLINICS = ("clinic-a", "clinic-b", "clinic-c")
 # Small and fast: the tests check the machinery, the benchmarks check model quality.
-TEST_MODEL = ModelSection(input_size=32, width=8, dropout=0.0, seed=0)
+TEST_MODEL = ModelSection(arch="lesionres", input_size=32, width=8, dropout=0.0, seed=0)
 
 
 def require_ham() -> Path:

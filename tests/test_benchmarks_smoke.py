@@ -200,11 +200,13 @@ def test_privacy_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
         throughput["plain_examples_per_s"] / throughput["dp_examples_per_s"]
     )
     # The DP recipe's fixed front end: its one-time cost and the end-to-end CNN beside it.
-    assert report["recipe"]["arch"] == "scatternet"
+    assert report["recipe"]["arch"] == "efficientnet_lite0_head"
     assert throughput["features_images_per_s"] > 0
     assert throughput["lesionres_plain_examples_per_s"] > 0
     # Each DP row ran --repeats times with fresh noise; the table reports mean ± sd.
     assert len(private["runs"]) == 3 and len(plain["runs"]) == 1
     assert private["test"]["balanced_accuracy"] == private["runs"][0]["balanced_accuracy"]
-    eps8_line = next(line for line in printed.splitlines() if line.startswith("| scatternet | 8"))
+    eps8_line = next(
+        line for line in printed.splitlines() if line.startswith("| efficientnet_lite0_head | 8")
+    )
     assert " ± " in eps8_line
