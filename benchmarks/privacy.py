@@ -97,6 +97,7 @@ from clinic_agent.training import (  # noqa: E402
     torch_threads,
     train_local,
 )
+from common.architectures import ARCHITECTURES  # noqa: E402
 from common.clipping import clip_l2  # noqa: E402
 from common.datasets import (  # noqa: E402
     CLASSES,
@@ -487,9 +488,10 @@ def fmt_metric(o: RowOutcome, metric: str) -> str:
 
 
 def table_rows(outcomes: Sequence[RowOutcome]) -> list[dict[str, str]]:
-    baseline = next((o for o in outcomes if not o.private), None)
     rows = []
     for o in outcomes:
+        # Each model against its own non-private row (a baseline model has its own).
+        baseline = next((b for b in outcomes if not b.private and b.arch == o.arch), None)
         base_ba = baseline.mean("balanced_accuracy") if baseline is not None else 0.0
         pct = f"{100 * o.mean('balanced_accuracy') / base_ba:.0f}%" if base_ba > 0 else "n/a"
         rows.append(
@@ -621,6 +623,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
     p.add_argument(
+        "--baseline",
+        action="append",
+        choices=ARCHITECTURES,
+        help="also run this model at ε=8 and without DP, trained like the recipe (repeatable; "
+        "e.g. scatternet, the former DP recipe)",
+    )
+    p.add_argument(
         "--features-file",
         type=Path,
         default=None,
@@ -683,8 +692,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
 
 def lesionres_recipe(settings: Settings) -> Recipe:
     """The end-to-end comparison model, trained exactly like the DP recipe otherwise."""
-    base = Recipe()
-    return replace(settings.recipe, arch=base.arch, width=base.width, dropout=base.dropout)
+    return replace(settings.recipe, arch="lesionres", width=24, dropout=0.1)
 
 
 def subset(
@@ -835,6 +843,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan: list[tuple[float, Recipe]] = [(eps, recipe) for eps in epsilons]
         if args.compare_lesionres and recipe.arch != "lesionres":
             plan.append((GOAL_EPSILON, lesionres_recipe(settings)))
+        for arch in args.baseline or ():
+            # A former recipe, side by side: same data, rounds, batch, optimiser and ε.
+            plan += [
+                (math.inf, replace(recipe, arch=arch)),
+                (GOAL_EPSILON, replace(recipe, arch=arch)),
+            ]
         for eps, row_recipe in plan:
             # Non-private rows are seeded and repeat exactly; DP rows draw fresh noise.
             repeats = args.repeats if math.isfinite(eps) else 1

@@ -1,20 +1,24 @@
 """The lesion classifier shared by clinics and the aggregator.
 
-Three compact models sized for training on two CPU cores, chosen by ``ModelConfig.arch``:
+Chosen by ``ModelConfig.arch``; the defaults are the measured recipes (``RECIPE_PLANS``):
 
-* ``lesionres`` (the default): a stride-2 stem and three residual stages. Measured on real
-  HAM10000 images (``benchmarks/quality.py``) it learns faster and reaches a higher macro
-  AUROC than ``lesionnet`` at a fraction of the compute, because it never convolves at
-  full resolution.
-* ``lesionnet``: the original plain stack with a full-resolution stem, kept so existing
-  checkpoints still load.
-* ``scatternet`` (the recipe under DP-SGD): a fixed wavelet-scattering front end
-  (``common.scattering``, no parameters) and a GroupNorm + linear head. Only the head
-  trains, so DP noise lands on 27k parameters instead of 680k; the front end's output
-  for an image never changes and is computed once (``common.features.FeatureCache``).
+* ``efficientnet_lite0`` (the recipe without DP): EfficientNet-Lite0
+  (:mod:`common.efficientnet_lite`) whose round-0 trunk is the public ImageNet weights
+  (:mod:`common.pretrained`), fine-tuned end to end at 128 px. It uses BatchNorm: the
+  running statistics travel in the state like weights and are averaged by the
+  aggregation (only their weighted sum is revealed, as for every weight), and DP-SGD
+  refuses it (batch statistics mix examples).
+* ``efficientnet_lite0_head`` (the recipe under DP-SGD): the same ImageNet trunk frozen
+  as a public feature extractor (BatchNorm on ImageNet statistics, outside the state) and
+  a linear head, the only part that trains, is checkpointed and gets noise.
+* ``lesionres``, ``lesionnet`` and ``scatternet``: compact models trained from scratch,
+  the former recipes, kept as measured baselines and so existing checkpoints still load.
+  ``scatternet`` is a fixed wavelet-scattering front end (``common.scattering``) and a
+  GroupNorm + linear head. These use GroupNorm, never BatchNorm, so DP-SGD accepts them
+  end to end.
 
-All three use GroupNorm, never BatchNorm: batch statistics mix examples, which per-example
-gradient clipping (DP-SGD, Opacus) cannot allow, and they would also leak across clinics.
+A model with a fixed front end (``frontend_of``) trains its head on features computed
+once per image (``common.features.FeatureCache``).
 
 The architecture is described by :class:`ModelConfig`, which travels inside every
 checkpoint's safetensors metadata (key ``dermafed.model``), so a checkpoint file alone is
