@@ -155,15 +155,19 @@ class PlanSection:
 
     local_epochs: int = 1
     optimizer: str = "adam"
-    # The base rate; lr_schedule decays it across rounds (benchmarks/quality.py).
-    learning_rate: float = 0.002
+    # The base rate; lr_schedule decays it across rounds (benchmarks/quality.py). The
+    # defaults are the DP recipe's (RECIPE_PLANS, like [model]); a federation of clinics
+    # without DP trains efficientnet_lite0 at 0.001 with batches of 32 (README).
+    learning_rate: float = RECIPE_PLANS[DP_ARCH].learning_rate
     lr_schedule: str = "cosine"
     # Rounds over which the schedule decays to lr_min_factor x the base rate; it then
     # stays there (a federation that keeps running keeps fine-tuning).
     lr_horizon_rounds: int = 30
     lr_min_factor: float = 0.1
     fedprox_mu: float = 0.0
-    batch_size: int = 32
+    # A clinic with fewer local examples than the batch declines DP rounds (it would
+    # sample all of them every step); such a federation lowers it.
+    batch_size: int = RECIPE_PLANS[DP_ARCH].batch_size
     # L2 bound on each clinic's whole delta; bounds each clinic's influence and, in secure
     # rounds, the quantization range (0 = unclipped, plain rounds only).
     delta_clip_norm: float = 10.0
