@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.config import load_aggregator_config
+from aggregator.config import ModelSection, PlanSection, load_aggregator_config
+from clinic_agent.dp_training import check_dp_compatible
+from clinic_agent.privacy import PrivacyConfig
 from common.errors import ConfigError
+from common.model import DP_ARCH, RECIPE_PLANS, build_model, trainable_part
 
 
 def write(tmp_path: Path, body: str) -> Path:
@@ -77,3 +80,13 @@ def test_invalid_toml_and_missing_file_are_clear(tmp_path):
 def test_bad_environment_override_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"^rounds\.max_rounds"):
         load_aggregator_config(write(tmp_path, GOOD), env={"DERMAFED__ROUNDS__MAX_ROUNDS": "lots"})
+
+
+def test_default_model_and_plan_are_the_dp_recipe_that_clinics_train_by_default():
+    assert PrivacyConfig().mode == "dp-sgd"
+    recipe = RECIPE_PLANS[DP_ARCH]
+    model, plan = ModelSection(), PlanSection()
+    assert (model.arch, model.input_size) == (DP_ARCH, recipe.input_size)
+    assert (plan.learning_rate, plan.batch_size) == (recipe.learning_rate, recipe.batch_size)
+    # The default model trains under DP-SGD: only its head is trainable, no BatchNorm.
+    check_dp_compatible(trainable_part(build_model(model.to_model_config())))
