@@ -37,7 +37,13 @@ MARKER = ".dermafed-demo"
 FEDERATION = "demo"
 
 
-DEMO_BATCH_SIZE = 32
+# The smallest batch the demo trains with, and how many batches the smallest clinic must
+# fill per epoch: the recipe's batch where the clinics are large enough (real data), else
+# smaller. On the synthetic clinics (a few hundred images) a DP batch of 64 spent an
+# ε_max of 8 in one round (measured: ε 6.4 after round 1, every clinic out by round 3),
+# and one of 512 would exceed their data.
+DEMO_MIN_BATCH = 32
+DEMO_BATCHES_PER_EPOCH = 8
 
 
 @dataclass
@@ -75,6 +81,13 @@ class DemoOptions:
         if self.learning_rate is not None:
             return self.learning_rate
         return RECIPE_PLANS[self.model_arch].learning_rate
+
+
+def demo_batch_size(opts: DemoOptions, shards: Path, clinics: int) -> int:
+    """The recipe's batch, capped so the smallest clinic fills a few batches per epoch."""
+    recipe = RECIPE_PLANS[opts.model_arch].batch_size
+    smallest = min(len(load_records(shards / f"clinic-{i}.csv")) for i in range(1, clinics + 1))
+    return max(DEMO_MIN_BATCH, min(recipe, smallest // DEMO_BATCHES_PER_EPOCH))
 
 
 @dataclass
@@ -176,7 +189,12 @@ def build_pki(workdir: Path, clinics: Sequence[str]) -> Path:
 
 
 def write_configs(
-    opts: DemoOptions, workdir: Path, clinics: Sequence[str], shards: Path, holdout: Path
+    opts: DemoOptions,
+    workdir: Path,
+    clinics: Sequence[str],
+    shards: Path,
+    holdout: Path,
+    batch_size: int = DEMO_MIN_BATCH,
 ) -> tuple[Path, list[Path], Path]:
     cfg_dir = workdir / "config"
     cfg_dir.mkdir(parents=True, exist_ok=True)
@@ -210,12 +228,8 @@ def write_configs(
                 "train_deadline_s": opts.round_timeout_s,
                 "seed": opts.seed,
             },
-            # The recipe's learning rate, but not its large DP batch (RECIPE_PLANS): the
-            # synthetic demo's clinics hold a few hundred images, and at 64 the sampling
-            # rate spent an ε_max of 8 in one round (measured: ε 6.4 after round 1, every
-            # clinic out by round 3), so the demo trains with batches of 32.
             "plan": {
-                "batch_size": DEMO_BATCH_SIZE,
+                "batch_size": batch_size,
                 "local_epochs": opts.local_epochs,
                 "learning_rate": opts.base_learning_rate,
                 # The cosine schedule decays over the demo's own rounds.
@@ -407,7 +421,9 @@ def run_demo(opts: DemoOptions, out: Callable[[str], None] = print) -> list[Roun
     shards, holdout = prepare_data(opts, workdir, out)
     build_pki(workdir, clinics)
     out(f"pki       federation CA and {len(clinics) + 2} certificates in {workdir / 'pki'}")
-    agg_cfg, agent_cfgs, admin_cfg = write_configs(opts, workdir, clinics, shards, holdout)
+    agg_cfg, agent_cfgs, admin_cfg = write_configs(
+        opts, workdir, clinics, shards, holdout, demo_batch_size(opts, shards, len(clinics))
+    )
     (workdir / "state").mkdir(parents=True, exist_ok=True)
     port_file = workdir / "state" / "port"
     port_file.unlink(missing_ok=True)
