@@ -147,7 +147,7 @@ class Recipe:
     crop_scale: float = 0.75
     color_jitter: float = 0.1
     channels_last: bool = False
-    epochs: int = 4  # total passes over the training pool, for every row
+    epochs: int = 3  # total passes over the training pool, for every row
     local_epochs: int = 1
     # Cap on each clinic's optimiser steps per round (0: none). Federated rows then run
     # more rounds, so that every row still does `epochs` passes over the pool.

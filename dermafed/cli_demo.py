@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="base local learning rate (Adam; decays across rounds; default: "
-        "the recipe's, 0.1 with DP, 0.001 without)",
+        "the recipe's, 0.1 with DP, 0.0001 without)",
     )
     demo.add_argument(
         "--model",
