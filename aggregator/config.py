@@ -157,7 +157,7 @@ class PlanSection:
     optimizer: str = "adam"
     # The base rate; lr_schedule decays it across rounds (benchmarks/quality.py). The
     # defaults are the DP recipe's (RECIPE_PLANS, like [model]); a federation of clinics
-    # without DP trains efficientnet_lite0 at 0.001 with batches of 32 (README).
+    # without DP trains efficientnet_lite0 at 0.0001 with batches of 32 (README).
     learning_rate: float = RECIPE_PLANS[DP_ARCH].learning_rate
     lr_schedule: str = "cosine"
     # Rounds over which the schedule decays to lr_min_factor x the base rate; it then
