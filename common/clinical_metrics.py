@@ -278,7 +278,8 @@ def _group_order(attribute: str, values: set[str]) -> list[str]:
     return known + ([UNKNOWN] if UNKNOWN in values else [])
 
 
-def _check(labels: np.ndarray, probs: np.ndarray) -> None:
+def check_predictions(labels: np.ndarray, probs: np.ndarray) -> None:
+    """Raise ValueError unless labels (N,) and probabilities (N, K) can be scored."""
     if probs.ndim != 2 or labels.shape != (probs.shape[0],):
         raise ValueError(f"labels {labels.shape} and probabilities {probs.shape} do not match")
     if len(labels) == 0:
@@ -355,7 +356,7 @@ def clinical_metrics(
     per-case subgroup values by attribute (as :func:`record_groups` returns them)."""
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
-    _check(labels, probs)
+    check_predictions(labels, probs)
     names = class_names(probs.shape[1])
     preds = probs.argmax(axis=1)
     confusion = _confusion(labels, preds, len(names))

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.clinical_metrics import check_predictions
 from common.datasets import (
     DatasetError,
     ImageCache,
@@ -106,15 +107,8 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> EvalMetrics:
     """All validation metrics from true labels (N,) and class probabilities (N, K)."""
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim != 2 or labels.shape != (probs.shape[0],):
-        raise ValueError(f"labels {labels.shape} and probabilities {probs.shape} do not match")
-    if len(labels) == 0:
-        raise ValueError("no examples to evaluate")
+    check_predictions(labels, probs)
     k = probs.shape[1]
-    if labels.min() < 0 or labels.max() >= k:
-        raise ValueError(f"labels must be in [0, {k}), got {labels.min()}..{labels.max()}")
-    if not np.isfinite(probs).all():
-        raise ValueError("probabilities contain NaN or infinite values")
     names = class_names(k)
     preds = probs.argmax(axis=1)
     confusion = np.zeros((k, k), dtype=np.int64)

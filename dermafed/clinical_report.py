@@ -25,7 +25,14 @@ from common.clinical_metrics import (
 )
 from common.datasets import HIGH_RISK
 from common.errors import InvalidArgumentError, PreconditionError
-from dermafed.report import _CSS, _e, _new_figure, _num, _write_text_atomic, confusion_figure
+from dermafed.report import (
+    _e,
+    _new_figure,
+    _num,
+    _write_text_atomic,
+    confusion_figure,
+    html_page,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -330,14 +337,8 @@ def render_html(
             _HOW_TO_READ,
         )
     )
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        "img-src data:; style-src 'unsafe-inline'\">\n"
-        f"<title>Evaluation of {_e(Path(checkpoint).name)}</title>\n"
-        f"<style>{_CSS}{_EXTRA_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    return html_page(
+        f"Evaluation of {Path(checkpoint).name}", body, img_src="data:", css=_EXTRA_CSS
     )
 
 

@@ -905,14 +905,19 @@ def render_html(report: Report, plots: set[str]) -> str:
             _HOW_TO_READ,
         )
     )
+    return html_page(report.title, body, img_src="'self'")
+
+
+def html_page(title: str, body: str, *, img_src: str, css: str = "") -> str:
+    """A standalone page: no scripts and nothing fetched from elsewhere, whatever a
+    ledger or file name holds (``img_src`` is the only source images may come from)."""
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        # No scripts and nothing fetched from elsewhere, whatever a ledger string holds.
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        "img-src 'self'; style-src 'unsafe-inline'\">\n"
-        f"<title>{_e(report.title)}</title>\n<style>{_CSS}</style>\n</head>\n"
+        f"img-src {img_src}; style-src 'unsafe-inline'\">\n"
+        f"<title>{_e(title)}</title>\n<style>{_CSS}{css}</style>\n</head>\n"
         f"<body>\n{body}\n</body>\n</html>\n"
     )
 
