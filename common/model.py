@@ -331,7 +331,7 @@ class PretrainedHead(nn.Module):
     The DP recipe's model: DP-SGD's noise lands on 9k head parameters instead of the
     trunk's 3.4 M, and the trunk's features, learned on public data, carry what a
     small private data set cannot teach under noise. The head starts at zero (every
-    class equally likely), which DP training with few steps benefits from.
+    class equally likely), so round 0 predicts nothing it has not learned.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
