@@ -14,12 +14,14 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 import numpy as np
 
-from clinic_agent.client import RETRYABLE
+from clinic_agent.client import RETRYABLE, FederationClient
+from clinic_agent.config import ClinicConfig
+from clinic_agent.metrics import AgentMetrics
 from clinic_agent.outcomes import PreparedRound, RoundOutcome, TrainedUpdate
 from clinic_agent.secagg_client import SecAggClient
 from common.pki import load_certificate, load_private_key
@@ -34,8 +36,32 @@ from common.secagg.messages import (
 from common.secagg.quantize import QuantizationPlan
 from dermafed.v1 import federation_pb2
 
-if TYPE_CHECKING:
-    from clinic_agent.daemon import ClinicAgent
+
+class RoundHost(Protocol):
+    """What a secure round needs from the agent that runs it (``ClinicAgent``).
+
+    Declared here rather than imported, so this module and the daemon that dispatches to
+    it do not import each other.
+    """
+
+    config: ClinicConfig
+    metrics: AgentMetrics
+    client: FederationClient
+    clinic_id: str
+    last_round: int
+
+    def prepare(self, plan: federation_pb2.RoundPlan) -> PreparedRound | RoundOutcome: ...
+
+    def train(self, plan: federation_pb2.RoundPlan, prepared: PreparedRound) -> TrainedUpdate: ...
+
+    def contributed(
+        self, number: int, update: TrainedUpdate, sent: int, total_seconds: float
+    ) -> RoundOutcome: ...
+
+    def failed(self, number: int, exc: grpc.RpcError) -> RoundOutcome: ...
+
+    def failed_locally(self, number: int, exc: Exception) -> RoundOutcome: ...
+
 
 log = logging.getLogger("dermafed.agent")
 
@@ -66,7 +92,7 @@ def quantization_from_proto(spec: federation_pb2.QuantizationSpec) -> Quantizati
 
 
 class SecureRounds:
-    def __init__(self, agent: ClinicAgent) -> None:
+    def __init__(self, agent: RoundHost) -> None:
         self.agent = agent
         cfg = agent.config.tls
         self._signing_key = load_private_key(cfg.key)
