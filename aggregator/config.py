@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator.gate import GateSettings
+from aggregator.gate import RULES, GateSettings
 from aggregator.schedule import validate_schedule
 from common.config import LoggingSection, MetricsSection, load_config, parse_hostport, require
 from common.datasets import CLASSES
@@ -206,9 +206,10 @@ class ValidationSection:
     # Held-out data (HAM10000 layout, class folders or an index CSV); empty = no evaluation.
     holdout: Path | None = None
     max_examples: int = 0
-    # The gate: reject a candidate whose sensitivity on a high-risk class drops by more
-    # than `tolerance` below the published checkpoint's, or whose balanced accuracy is
-    # below `min_balanced_accuracy`; the published checkpoint then stays.
+    # The gate: reject a candidate whose balanced accuracy is below
+    # `min_balanced_accuracy`, or that `rule` finds worse than the published checkpoint
+    # on a high-risk class; the published checkpoint then stays. `tolerance` is the
+    # allowed point-estimate drop of the "tolerance" rule only.
     gate: bool = True
     high_risk: list[str] = field(default_factory=lambda: ["mel", "bcc", "akiec"])
     tolerance: float = 0.05
@@ -216,6 +217,17 @@ class ValidationSection:
     # A published model within this of chance-level balanced accuracy (1/k) is no baseline
     # for sensitivities; negative: always compare with the published model.
     chance_margin: float = 0.05
+    # How the candidate is compared with the published model (aggregator/gate.py):
+    # "harm" rejects on evidence (paired test at `alpha`) that a high-risk sensitivity or
+    # the balanced accuracy fell by more than `margin`; "noninferiority" accepts only on
+    # evidence that none did; "tolerance" is the v1 point-estimate rule.
+    rule: str = "harm"
+    margin: float = 0.0
+    alpha: float = 0.05
+    # Checks on the unmasked sum (aggregator/sum_checks.py): the smallest weight (example
+    # count) an honest clinic sends, and the relative slack on the norm bound.
+    min_clinic_weight: float = 1.0
+    sum_norm_slack: float = 1e-3
 
     def validate(self) -> None:
         if self.holdout is not None and str(self.holdout):
@@ -233,6 +245,11 @@ class ValidationSection:
             "validation.min_balanced_accuracy",
             "must be in [0, 1]",
         )
+        require(self.rule in RULES, "validation.rule", f"must be one of {', '.join(RULES)}")
+        require(0.0 <= self.margin < 1.0, "validation.margin", "must be in [0, 1)")
+        require(0.0 < self.alpha < 0.5, "validation.alpha", "must be in (0, 0.5)")
+        require(self.min_clinic_weight > 0, "validation.min_clinic_weight", "must be positive")
+        require(self.sum_norm_slack >= 0, "validation.sum_norm_slack", "must be >= 0")
 
     def gate_settings(self) -> GateSettings:
         return GateSettings(
@@ -241,6 +258,9 @@ class ValidationSection:
             tolerance=self.tolerance,
             min_balanced_accuracy=self.min_balanced_accuracy,
             chance_margin=self.chance_margin,
+            rule=self.rule,
+            margin=self.margin,
+            alpha=self.alpha,
         )
 
 

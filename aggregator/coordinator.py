@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
+import numpy as np
 from cryptography import x509
 
 from aggregator.checkpoints import CheckpointStore, checkpoints_to_prune
@@ -36,7 +37,8 @@ from aggregator.domain import (
     StatusView,
     view_of_record,
 )
-from aggregator.gate import decide
+from aggregator.fedavg import MAX_WEIGHT
+from aggregator.gate import PairedEvidence, decide
 from aggregator.ledger import Ledger
 from aggregator.metrics import AggregatorMetrics
 from aggregator.privacy_floor import PrivacyFloor
@@ -51,8 +53,10 @@ from aggregator.round_modes import (
 from aggregator.rounds import Phase, Round, next_round_due, select_cohort, should_start_round
 from aggregator.schedule import round_learning_rate
 from aggregator.secagg_server import SecAggAbortedError, SecAggServer
+from aggregator.sum_checks import SumBounds, SumCheckError, check_sum
 from aggregator.validation import HoldoutEvaluator
 from common.clipping import clinic_noise_std
+from common.datasets import CLASSES
 from common.errors import (
     BusyError,
     InvalidUpdateError,
@@ -140,6 +144,9 @@ class Coordinator:
         self._published: tuple[str, int] = ("", 0)
         # Held-out metrics of the published checkpoint: what the gate compares against.
         self._published_metrics: dict[str, object] | None = None
+        # The published checkpoint's predicted held-out labels, for the gate's paired
+        # tests: (checkpoint id, labels), computed when first needed.
+        self._published_predictions: tuple[str, np.ndarray] | None = None
         self._specs: tuple[TensorSpec, ...] = ()
         self.gate = config.validation.gate_settings()
         self.privacy_floor = PrivacyFloor(ledger, metrics, clock)
@@ -900,6 +907,29 @@ class Coordinator:
         )
         return state, plan, mode
 
+    def _sum_bounds(self, plan: RoundPlan) -> SumBounds:
+        quant = plan.quantization
+        return SumBounds(
+            min_weight=self.config.validation.min_clinic_weight,
+            weight_max=quant.weight_max if quant is not None else MAX_WEIGHT,
+            norm_bound=plan.upload_norm_bound,
+            delta_scale=quant.delta_scale if quant is not None else 0.0,
+            loss_max=quant.loss_max if quant is not None else None,
+            loss_scale=(quant.loss_scale or 0.0) if quant is not None else 0.0,
+            slack=self.config.validation.sum_norm_slack,
+        )
+
+    def _published_predicted(self) -> np.ndarray:
+        """The published checkpoint's predicted held-out labels (scored once per checkpoint)."""
+        assert self.evaluator is not None
+        cid = self._published[0]
+        cached = self._published_predictions
+        if cached is None or cached[0] != cid:
+            state, _ = self.store.load(cid)
+            cached = (cid, self.evaluator.score(state)[1])
+            self._published_predictions = cached
+        return cached[1]
+
     def _upload_bound(self, threshold: int) -> float:
         """The L2 norm an upload may have: the clip bound, or with clinic-level noise a bound
         the noised delta exceeds with probability below 1e-12 (it sizes the quantization)."""
@@ -921,23 +951,46 @@ class Coordinator:
         started = self._clock()
         try:
             result = running.mode.finalize(st.alive)
+            # Before any model is formed or scored: could honest clinics have sent this?
+            sum_report = check_sum(result, self._sum_bounds(running.plan))
             parent_state, _ = self.store.load(st.parent)
             delta = unflatten(result.delta, self._specs)
             new_state = {k: parent_state[k] + delta[k] for k in parent_state}
             cid = self.store.put_state(new_state, self._checkpoint_metadata(st.number, st.parent))
             aggregate_seconds = self._clock() - started
             metrics: dict[str, object] | None = None
+            evidence: PairedEvidence | None = None
+            predicted: np.ndarray | None = None
             eval_seconds = 0.0
             if self.evaluator is not None:
                 t0 = self._clock()
-                metrics = self.evaluator.evaluate(new_state).to_dict()
+                scored, predicted = self.evaluator.score(new_state)
+                metrics = scored.to_dict()
+                if self.gate.enabled and self.gate.rule != "tolerance":
+                    evidence = PairedEvidence.from_predictions(
+                        self.evaluator.labels, predicted, self._published_predicted(), CLASSES
+                    )
                 eval_seconds = self._clock() - t0
             decision = decide(
                 metrics,
                 self._published_metrics,
                 self.gate,
                 published_is_initial=self._published[1] == 0,
+                evidence=evidence,
             )
+        except SumCheckError as exc:
+            log.warning("round %d: %s", st.number, exc)
+            self.metrics.sum_check_failures.labels(check=exc.check).inc()
+            with self._cond:
+                self._finish_locked(
+                    running,
+                    "rejected",
+                    str(exc),
+                    self._clock(),
+                    contributors=result.contributors,
+                    metrics={"sum_checks": {"failed": exc.check, "reason": str(exc)}},
+                )
+            return
         except Exception as exc:  # a failed finalisation must abort, never half-publish
             log.exception("round %d: finalisation failed", st.number)
             with self._cond:
@@ -959,12 +1012,18 @@ class Coordinator:
                 self.metrics.stage_duration.labels(stage="validate").observe(eval_seconds)
             self.ledger.record_checkpoint(cid, st.number, st.parent, now, metrics)
             recorded = dict(metrics or {})
+            recorded["sum_checks"] = sum_report
+            self.metrics.gate_decisions.labels(rule=decision.rule, verdict=decision.verdict).inc()
             if metrics is not None:
                 recorded["gate"] = {
                     "verdict": decision.verdict,
+                    "rule": decision.rule,
                     "reason": decision.reason,
                     "checks": decision.checks,
                 }
+                self.metrics.set_gate_evidence(decision.rule, decision.checks)
+            if decision.accept and predicted is not None:
+                self._published_predictions = (cid, predicted)
             if not decision.accept:
                 self.metrics.rollbacks.labels(kind="automatic").inc()
                 log.warning(

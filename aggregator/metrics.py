@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from aggregator.gate import RULES
+from aggregator.sum_checks import CHECKS
 from common.build_info import register_build_info
 from common.secagg.messages import STAGES
 
@@ -152,6 +154,38 @@ class AggregatorMetrics:
             "Unix time the service's own TLS certificate expires.",
             registry=registry,
         )
+        self.gate_decisions = Counter(
+            "dermafed_gate_decisions_total",
+            "Validation-gate decisions on candidate checkpoints, by rule and verdict.",
+            ["rule", "verdict"],
+            registry=registry,
+        )
+        self.sum_check_failures = Counter(
+            "dermafed_sum_check_failures_total",
+            "Rounds whose unmasked sum no honest cohort could produce, by failed check "
+            "(the candidate is rejected before it is scored).",
+            ["check"],
+            registry=registry,
+        )
+        self.gate_change_bound = Gauge(
+            "dermafed_gate_change_bound",
+            "Last paired gate decision: the one-sided confidence bound on the change of each "
+            "tested quantity (high-risk sensitivity or balanced_accuracy) that the rule uses "
+            "(upper bound for 'harm', lower bound for 'noninferiority').",
+            ["check"],
+            registry=registry,
+        )
+        self.gate_p_value = Gauge(
+            "dermafed_gate_p_value",
+            "Last paired gate decision: the one-sided p-value of each test.",
+            ["check"],
+            registry=registry,
+        )
+        for rule in (*RULES, "off"):
+            for verdict in ("accept", "reject"):
+                self.gate_decisions.labels(rule=rule, verdict=verdict)
+        for check in CHECKS:
+            self.sum_check_failures.labels(check=check)
         for outcome in ("published", "rejected", "aborted"):
             self.rounds.labels(outcome=outcome)
         for kind in ("automatic", "admin"):
@@ -179,3 +213,15 @@ class AggregatorMetrics:
             for cls, value in sens.items():
                 if isinstance(value, int | float):
                     self.sensitivity.labels(**{"class": str(cls)}).set(float(value))
+
+    def set_gate_evidence(self, rule: str, checks: Mapping[str, object]) -> None:
+        """Export the bound and p-value behind the last paired decision, per test."""
+        side = "upper" if rule == "harm" else "lower"
+        for name, check in checks.items():
+            if not isinstance(check, Mapping) or "p_value" not in check:
+                continue
+            bound, p = check.get(side), check.get("p_value")
+            if isinstance(bound, int | float):
+                self.gate_change_bound.labels(check=name).set(float(bound))
+            if isinstance(p, int | float):
+                self.gate_p_value.labels(check=name).set(float(p))

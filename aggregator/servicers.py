@@ -447,7 +447,50 @@ def round_to_proto(view: RoundView) -> admin_pb2.RoundSummary:
     gate = (view.metrics or {}).get("gate")
     if isinstance(gate, Mapping):
         msg.gate = str(gate.get("verdict", ""))
+        msg.gate_rule = str(gate.get("rule", ""))
+        msg.gate_reason = str(gate.get("reason", ""))
+        checks = gate.get("checks")
+        if isinstance(checks, Mapping):
+            msg.gate_checks.extend(
+                gate_check_to_proto(str(name), check)
+                for name, check in checks.items()
+                if isinstance(check, Mapping)
+            )
+    sums = (view.metrics or {}).get("sum_checks")
+    if isinstance(sums, Mapping):
+        msg.sum_check_failed = str(sums.get("failed", ""))
     return msg
+
+
+def gate_check_to_proto(name: str, check: Mapping[str, Any]) -> admin_pb2.GateCheck:
+    """One gate test as recorded in the ledger; absent numbers become NaN (or 0 counts)."""
+
+    def num(key: str) -> float:
+        value = check.get(key)
+        return float(value) if isinstance(value, int | float) else math.nan
+
+    def count(key: str) -> int:
+        value = check.get(key)
+        return int(value) if isinstance(value, int) and value >= 0 else 0
+
+    published = num("published")
+    if math.isnan(published) and not math.isnan(num("difference")):
+        published = num("candidate") - num("difference")
+    return admin_pb2.GateCheck(
+        name=name,
+        candidate=num("candidate"),
+        published=published,
+        cases=count("n"),
+        candidate_only=count("candidate_only"),
+        published_only=count("published_only"),
+        difference=num("difference"),
+        lower=num("lower"),
+        upper=num("upper"),
+        p_value=num("p_value"),
+        alpha=num("alpha"),
+        margin=num("margin"),
+        failed=bool(check.get("failed", False)),
+    )
 
 
 class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):

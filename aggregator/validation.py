@@ -39,5 +39,9 @@ class HoldoutEvaluator:
         log.info("held-out set: %d images from %s", len(records), source)
 
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> EvalMetrics:
+        return self.score(state)[0]
+
+    def score(self, state: Mapping[str, torch.Tensor]) -> tuple[EvalMetrics, np.ndarray]:
+        """The metrics and the predicted label of every held-out case (for paired tests)."""
         probs = predict_proba(self.model_config, dict(state), self.images, features=self.features)
-        return compute_metrics(self.labels, probs)
+        return compute_metrics(self.labels, probs), probs.argmax(axis=1)

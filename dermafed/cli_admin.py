@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import textwrap
 import time
@@ -34,6 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     rounds = actions.add_parser("rounds", help="recent rounds, newest first")
     rounds.add_argument("--limit", type=int, default=20)
     rounds.set_defaults(func=_run(_rounds))
+    gate = actions.add_parser(
+        "gate", help="the evidence behind one round's gate decision (counts, bounds, p-values)"
+    )
+    gate.add_argument("round", type=int, help="the round's number, as 'rounds' shows it")
+    gate.set_defaults(func=_run(_gate))
     ckpts = actions.add_parser("checkpoints", help="stored checkpoints")
     ckpts.add_argument("--limit", type=int, default=20)
     ckpts.set_defaults(func=_run(_checkpoints))
@@ -119,6 +125,15 @@ def _status(c: AdminClient, a: argparse.Namespace) -> Message:
 def _rounds(c: AdminClient, a: argparse.Namespace) -> Message:
     _non_negative(a.limit, "--limit")
     return c.rounds(limit=a.limit)
+
+
+def _gate(c: AdminClient, a: argparse.Namespace) -> Message:
+    if a.round < 1:
+        raise UsageError(f"the round must be >= 1, got {a.round}")
+    for summary in c.rounds(limit=1_000_000).rounds:
+        if summary.round == a.round:
+            return summary
+    raise UsageError(f"no round {a.round} in the ledger (see 'rounds')")
 
 
 def _checkpoints(c: AdminClient, a: argparse.Namespace) -> Message:
@@ -231,7 +246,58 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h {s % 3600 // 60:02d}m"
 
 
+def _print_gate(r: admin_pb2.RoundSummary) -> None:
+    print(f"round {r.round}: {r.outcome or r.state}")
+    if r.sum_check_failed:
+        print(f"sum check          {r.sum_check_failed} failed: {r.reason}")
+        return
+    if not r.gate:
+        print("gate               no decision recorded (running, aborted, or no held-out set)")
+        return
+    print(f"gate               {r.gate} by rule '{r.gate_rule or 'tolerance'}'")
+    for i, line in enumerate(textwrap.wrap(r.gate_reason, 70) or [""]):
+        print(("reason             " if i == 0 else " " * 19) + line)
+    tests = list(r.gate_checks)
+    if not tests:
+        return
+    print()
+    _table(
+        [
+            "test",
+            "cases",
+            "published",
+            "candidate",
+            "only pub",
+            "only cand",
+            "change",
+            "bounds",
+            "p",
+            "alpha",
+            "result",
+        ],
+        [
+            [
+                g.name,
+                g.cases or "-",
+                "-" if math.isnan(g.published) else _num(g.published),
+                _num(g.candidate),
+                g.published_only if g.cases else "-",
+                g.candidate_only if g.cases else "-",
+                "-" if math.isnan(g.difference) else f"{g.difference:+.3f}",
+                "-" if math.isnan(g.lower) else f"[{g.lower:+.3f}, {g.upper:+.3f}]",
+                "-" if math.isnan(g.p_value) else f"{g.p_value:.2g}",
+                "-" if math.isnan(g.alpha) else f"{g.alpha:.3g}",
+                "FAIL" if g.failed else "ok",
+            ]
+            for g in tests
+        ],
+    )
+
+
 def _print_human(action: str, resp: Message) -> None:
+    if isinstance(resp, admin_pb2.RoundSummary):
+        _print_gate(resp)
+        return
     if isinstance(resp, admin_pb2.GetStatusResponse):
         print(f"federation         {resp.federation}")
         print(

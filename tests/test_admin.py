@@ -12,6 +12,7 @@ from federation_harness import Federation, code_of, header_for, raw_clinics, upl
 from pki_fixtures import make_federation
 
 from aggregator.config import PlanSection, RoundsSection, ValidationSection
+from aggregator.servicers import round_to_proto
 from common.datasets import CLASSES
 from common.pki import revoke
 from common.tensors import encode_f32le
@@ -101,14 +102,50 @@ def test_forced_melanoma_regression_is_rejected_and_the_published_model_stays(fe
     assert r2.metrics["gate"]["verdict"] == "reject"
     assert r2.checkpoint and r2.checkpoint != published_after_1  # kept for inspection
     assert coord.published == (published_after_1, 1)
+    # The evidence behind the decision is in the ledger: the paired counts and the test.
+    gate = r2.metrics["gate"]
+    assert gate["rule"] == "harm"
+    mel = gate["checks"]["mel"]
+    assert mel["candidate_only"] == 0 and mel["published_only"] == mel["n"] > 0
+    assert mel["failed"] and mel["p_value"] < mel["alpha"] and mel["upper"] < 0
     reg = service.registry
     assert reg.get_sample_value("dermafed_rollbacks_total", {"kind": "automatic"}) == 1
     assert reg.get_sample_value("dermafed_rounds_total", {"outcome": "rejected"}) == 1
     assert reg.get_sample_value("dermafed_validation_sensitivity", {"class": "mel"}) == 1.0
+    assert (
+        reg.get_sample_value("dermafed_gate_decisions_total", {"rule": "harm", "verdict": "reject"})
+        == 1
+    )
+    assert reg.get_sample_value("dermafed_gate_p_value", {"check": "mel"}) == mel["p_value"]
+    assert reg.get_sample_value("dermafed_gate_change_bound", {"check": "mel"}) == mel["upper"]
     # The next round starts from round 1's checkpoint: same hash.
     assert coord.wait_until(lambda: coord.running_round() == 3, 20)
     task = stubs["clinic-a"].Poll(federation_pb2.PollRequest(wait_ms=0), timeout=5)
     assert task.plan.round == 3 and task.plan.parent_checkpoint == published_after_1
+
+
+def test_an_impossible_sum_is_rejected_before_any_model_is_formed(fed):
+    # Each clinic claims half an example: the summed weight (1.0) is below what two honest
+    # clinics can send (2 x validation.min_clinic_weight), whatever the deltas say.
+    service, stubs = _start(fed)
+    coord = service.coordinator
+    assert coord.wait_until(lambda: coord.running_round() == 1, 20)
+    payload = _bias_delta(coord, {MEL: 1.0})
+    for stub in stubs.values():
+        upload(stub, header_for(coord, 1, weight=0.5), payload)
+    assert coord.wait_until(
+        lambda: (rec := service.ledger.round(1)) is not None and rec.outcome is not None, 60
+    )
+    rec = service.ledger.round(1)
+    assert rec is not None and rec.outcome == "rejected"
+    assert "sum check 'weight' failed" in (rec.reason or "")
+    assert rec.checkpoint is None  # nothing was formed, stored or scored
+    assert rec.metrics["sum_checks"]["failed"] == "weight"
+    assert "gate" not in rec.metrics and "validate" not in rec.stages
+    assert coord.published[1] == 0
+    reg = service.registry
+    assert reg.get_sample_value("dermafed_sum_check_failures_total", {"check": "weight"}) == 1
+    assert round_to_proto(coord.list_rounds(1, 2)[0]).sum_check_failed == "weight"
 
 
 def test_admin_rollback_trigger_abort_and_audit(fed):
@@ -285,6 +322,14 @@ def test_admin_cli_tables_and_json(fed, capsys, tmp_path):
     assert main(["admin", "--config", str(cfg), "rounds"]) == 0
     out = capsys.readouterr().out
     assert "round" in out.splitlines()[0] and "published" in out
+    # The evidence behind a gate decision, one test per line.
+    assert main(["admin", "--config", str(cfg), "gate", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "gate               accept" in out and "balanced_accuracy" in out
+    assert main(["admin", "--config", str(cfg), "gate", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gate"] == "accept"
+    assert main(["admin", "--config", str(cfg), "gate", "9"]) == 2
+    assert "no round 9" in capsys.readouterr().err
     assert main(["admin", "--config", str(cfg), "--json", "clinics"]) == 0
     clinics = json.loads(capsys.readouterr().out)["clinics"]
     assert {c["clinic"] for c in clinics} == {"clinic-a", "clinic-b"}

@@ -155,6 +155,10 @@ class RoundSummary(_message.Message):
     STAGE_SECONDS_FIELD_NUMBER: _builtins.int
     AGGREGATION_FIELD_NUMBER: _builtins.int
     GATE_FIELD_NUMBER: _builtins.int
+    GATE_RULE_FIELD_NUMBER: _builtins.int
+    GATE_REASON_FIELD_NUMBER: _builtins.int
+    GATE_CHECKS_FIELD_NUMBER: _builtins.int
+    SUM_CHECK_FAILED_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     state: _builtins.str
     """stage name while running; outcome when finished"""
@@ -169,6 +173,13 @@ class RoundSummary(_message.Message):
     aggregation: _builtins.str
     gate: _builtins.str
     """The validation gate's verdict on the candidate ("" while running or without a holdout)."""
+    gate_rule: _builtins.str
+    """The evidence behind the verdict: the rule that decided ("harm", "noninferiority",
+    "tolerance", "off"), its reason, and one entry per test.
+    """
+    gate_reason: _builtins.str
+    sum_check_failed: _builtins.str
+    """Checks on the unmasked sum: the one that failed ("" if all passed or none ran)."""
     @_builtins.property
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -177,6 +188,8 @@ class RoundSummary(_message.Message):
     def metrics(self) -> Global___ValidationMetrics: ...
     @_builtins.property
     def stage_seconds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def gate_checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___GateCheck]: ...
     def __init__(
         self,
         *,
@@ -195,14 +208,84 @@ class RoundSummary(_message.Message):
         stage_seconds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         aggregation: _builtins.str = ...,
         gate: _builtins.str = ...,
+        gate_rule: _builtins.str = ...,
+        gate_reason: _builtins.str = ...,
+        gate_checks: _abc.Iterable[Global___GateCheck] | None = ...,
+        sum_check_failed: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "checkpoint", b"checkpoint", "cohort", b"cohort", "contributors", b"contributors", "finished_at", b"finished_at", "gate", b"gate", "metrics", b"metrics", "outcome", b"outcome", "parent_checkpoint", b"parent_checkpoint", "reason", b"reason", "round", b"round", "stage_seconds", b"stage_seconds", "started_at", b"started_at", "state", b"state", "train_loss", b"train_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "checkpoint", b"checkpoint", "cohort", b"cohort", "contributors", b"contributors", "finished_at", b"finished_at", "gate", b"gate", "gate_checks", b"gate_checks", "gate_reason", b"gate_reason", "gate_rule", b"gate_rule", "metrics", b"metrics", "outcome", b"outcome", "parent_checkpoint", b"parent_checkpoint", "reason", b"reason", "round", b"round", "stage_seconds", b"stage_seconds", "started_at", b"started_at", "state", b"state", "sum_check_failed", b"sum_check_failed", "train_loss", b"train_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RoundSummary: _TypeAlias = RoundSummary  # noqa: Y015
+
+@_typing.final
+class GateCheck(_message.Message):
+    """One test of the validation gate: a high-risk class's sensitivity or the balanced accuracy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    PUBLISHED_FIELD_NUMBER: _builtins.int
+    CASES_FIELD_NUMBER: _builtins.int
+    CANDIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    PUBLISHED_ONLY_FIELD_NUMBER: _builtins.int
+    DIFFERENCE_FIELD_NUMBER: _builtins.int
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    MARGIN_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """class code ("mel") or "balanced_accuracy" """
+    candidate: _builtins.float
+    """the candidate's value on the held-out set"""
+    published: _builtins.float
+    """the published model's value (NaN if not compared)"""
+    cases: _builtins.int
+    """held-out cases of the class (0 for balanced_accuracy)"""
+    candidate_only: _builtins.int
+    """cases only the candidate got right"""
+    published_only: _builtins.int
+    """cases only the published model got right"""
+    difference: _builtins.float
+    """candidate - published"""
+    lower: _builtins.float
+    """one-sided (1 - alpha) confidence bounds of the difference"""
+    upper: _builtins.float
+    p_value: _builtins.float
+    alpha: _builtins.float
+    """the level this test was run at (alpha / number of tests)"""
+    margin: _builtins.float
+    failed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        candidate: _builtins.float = ...,
+        published: _builtins.float = ...,
+        cases: _builtins.int = ...,
+        candidate_only: _builtins.int = ...,
+        published_only: _builtins.int = ...,
+        difference: _builtins.float = ...,
+        lower: _builtins.float = ...,
+        upper: _builtins.float = ...,
+        p_value: _builtins.float = ...,
+        alpha: _builtins.float = ...,
+        margin: _builtins.float = ...,
+        failed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "candidate", b"candidate", "candidate_only", b"candidate_only", "cases", b"cases", "difference", b"difference", "failed", b"failed", "lower", b"lower", "margin", b"margin", "name", b"name", "p_value", b"p_value", "published", b"published", "published_only", b"published_only", "upper", b"upper"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GateCheck: _TypeAlias = GateCheck  # noqa: Y015
 
 @_typing.final
 class GetStatusResponse(_message.Message):
