@@ -293,12 +293,13 @@ def _failure(
     settings: GateSettings,
 ) -> str:
     level = f"{100 * (1 - alpha):.1f}%"
+    floor = 0.0 - settings.margin  # not -margin: that prints "-0.000" for a zero margin
     if settings.rule == "harm":
         return (
             f"{what} fell by {-diff:.3f} ({level} upper bound of the change {high:+.3f} "
-            f"< -{settings.margin:.3f}; p = {p:.2g} < {alpha:.3g})"
+            f"< {floor:+.3f}; p = {p:.2g} < {alpha:.3g})"
         )
     return (
         f"{what} not shown non-inferior: change {diff:+.3f}, {level} lower bound "
-        f"{low:+.3f} <= -{settings.margin:.3f} (p = {p:.2g}, needs < {alpha:.3g})"
+        f"{low:+.3f} <= {floor:+.3f} (p = {p:.2g}, needs < {alpha:.3g})"
     )

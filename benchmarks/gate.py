@@ -12,7 +12,9 @@ One process, the project's real code paths:
    remaining lesions: what the gate scores candidates on), then 4 clinics with
    Dirichlet(0.5) label skew.
 2. The model is the DP recipe (``efficientnet_lite0_head``: frozen ImageNet trunk,
-   linear head; front-end features cached once). Each round every clinic trains from the
+   linear head; front-end features cached once; without DP at ``--nodp-lr`` 0.003 instead
+   of the DP rate 0.1, which makes noise-free rounds swing between classes). Each round
+   every clinic trains from the
    published model — ``train_local`` without DP, or ``train_dp`` (Opacus DP-SGD, each
    clinic's noise set for ε = 8 over all rounds at δ = 1e-5) — clips its whole delta to
    the plan's bound and the four go through a real secure-aggregation round
@@ -34,7 +36,10 @@ One process, the project's real code paths:
    lesions after the same number of rounds.
 
 Honest false-reject rates count the rounds after the first (against the initial model
-only the balanced-accuracy floor applies, and every rule accepts).
+only the balanced-accuracy floor applies, and every rule accepts). Whether a candidate was
+*really* worse is judged on the test lesions, which no gate sees: the same paired harm
+test run there ("worse on test"). A rejected honest candidate that the test split does not
+find worse is a false reject; an accepted poisoned one that it finds worse got through.
 
 Nothing here is a test: the numbers are measured and printed, including missed targets.
 """
@@ -63,7 +68,7 @@ for _path in (REPO, HERE):  # runnable as a plain script from any directory
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from privacy import DP_RECIPE, noise_for_budget  # noqa: E402
+from privacy import DP_RECIPE, noise_for_budget, subset  # noqa: E402
 from quality import (  # noqa: E402
     ClinicData,
     Recipe,
@@ -394,6 +399,10 @@ def run_setting(
 ) -> dict[str, Any]:
     """Every pipeline's federation for one privacy setting, and the poisoned trials."""
     label = f"ε={EPSILON:g}" if private else "no DP"
+    if not private:
+        # Without DP noise the DP recipe's rate (0.1) makes consecutive FedAvg models swing
+        # between classes; a non-private federation would train the head more gently.
+        recipe = replace(recipe, learning_rate=args.nodp_lr)
     fed = Federation(recipe, clinics, args.rounds, private, features, args.threads, args.seed)
     names = tuple(c.name for c in clinics)
     weights = [float(min(len(c), recipe.weight_max)) for c in clinics]
@@ -445,9 +454,15 @@ def run_setting(
                     bad = poisoned(
                         kind, deltas, weights, names, quant, recipe.clip_norm, rng, flipped
                     )
-                    kind_verdicts, _ = judge.judge_all(published, bad, bounds, specs, settings)
+                    kind_verdicts, bad_state = judge.judge_all(
+                        published, bad, bounds, specs, settings
+                    )
+                    # Did an accepted poisoned candidate do measurable harm? (test split)
+                    harmful = bad_state is not None and judge.worse_on_test(
+                        bad_state, published, settings[DRIVER]
+                    )
                     for p, v in kind_verdicts.items():
-                        trials[kind][p].add(v)
+                        trials[kind][p].add(v, harmful)
             if verdicts[pipeline].accept:
                 assert state is not None
                 published = judge.publish(state, initial=False)
@@ -502,12 +517,17 @@ def render(results: Sequence[dict[str, Any]]) -> str:
         "not worse on test",
         *KINDS,
         "by sum checks",
+        "harmful accepted",
         "test BA",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
         for p in PIPELINES:
             poisoned_total = sum(res["poisoned"][k][p]["rejected"] for k in KINDS)
+            harmful_through = sum(
+                res["poisoned"][k][p]["worse_on_test"] - res["poisoned"][k][p]["rejected_and_worse"]
+                for k in KINDS
+            )
             by_sum = sum(res["poisoned"][k][p]["by_sum"] for k in KINDS)
             row = [
                 res["setting"],
@@ -516,6 +536,7 @@ def render(results: Sequence[dict[str, Any]]) -> str:
                 f"{res['honest'][p]['false_rejects']}/{res['honest'][p]['rejected']}",
                 *(pct(res["poisoned"][k][p]) for k in KINDS),
                 f"{by_sum}/{poisoned_total}",
+                str(harmful_through),
                 f"{res['final_test'][p]['balanced_accuracy']:.3f}",
             ]
             lines.append("| " + " | ".join(row) + " |")
@@ -532,11 +553,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout-fraction", type=float, default=0.15)
     p.add_argument("--margin", type=float, default=0.0, help="gate margin (config default)")
     p.add_argument("--alpha", type=float, default=0.05, help="gate significance level")
+    p.add_argument(
+        "--nodp-lr", type=float, default=0.003, help="head learning rate without DP (0.003)"
+    )
     p.add_argument("--settings", default="nodp,dp", help="comma list of nodp, dp")
     p.add_argument("--features-file", type=Path, default=None)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a small subset and 3 rounds")
+    p.add_argument("--train-images", type=int, default=None, help="clinic pool subset (lesions)")
+    p.add_argument("--holdout-images", type=int, default=None, help="held-out subset")
+    p.add_argument("--test-images", type=int, default=None, help="test subset")
+    p.add_argument("--input-size", type=int, default=None, help="image size (recipe: 128)")
+    p.add_argument("--batch-size", type=int, default=None, help="local batch (recipe: 512)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.rounds is None:
@@ -564,17 +593,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = load_records(args.data)
     rest, test_records = group_split(records, 0.2, args.seed)
     pool, holdout_records = group_split(rest, args.holdout_fraction, args.seed + 1)
+    quick = 0.15 if args.quick else None
+    pool = subset(pool, quick, args.train_images, args.seed + 2)
+    holdout_records = subset(holdout_records, None, args.holdout_images, args.seed + 3)
+    test_records = subset(
+        test_records, 0.3 if args.quick else None, args.test_images, args.seed + 4
+    )
     if args.quick:
-        _, pool = group_split(pool, 0.15, args.seed + 2)
-        _, test_records = group_split(test_records, 0.3, args.seed + 4)
         recipe = replace(recipe, batch_size=16)
+    overrides = {"input_size": args.input_size, "batch_size": args.batch_size}
+    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     size = recipe.input_size
     cache = ImageCache(out / "cache")
-    tag = f"gate-s{args.seed}-{size}px-{len(pool)}"
+    tag = f"gate-s{args.seed}-{size}px-{len(pool)}-{len(holdout_records)}-{len(test_records)}"
     test = load_set(cache, f"{tag}-test", test_records, size)
     holdout_set = load_set(cache, f"{tag}-holdout", holdout_records, size)
+    # DP-SGD needs at least a batch per clinic.
+    min_per = recipe.batch_size * 2
+    if min_per * args.clinics > len(pool):  # a small subset: as much as it allows
+        min_per = max(1, len(pool) // (2 * args.clinics))
     shards = dirichlet_partition(
-        pool, args.clinics, args.alpha_dirichlet, args.seed, min_per_clinic=recipe.batch_size * 2
+        pool, args.clinics, args.alpha_dirichlet, args.seed, min_per_clinic=min_per
     )
     clinics = [load_set(cache, f"{tag}-clinic{i}", shard, size) for i, shard in enumerate(shards)]
     clinics = [

@@ -257,7 +257,7 @@ def _print_gate(r: admin_pb2.RoundSummary) -> None:
     print(f"gate               {r.gate} by rule '{r.gate_rule or 'tolerance'}'")
     for i, line in enumerate(textwrap.wrap(r.gate_reason, 70) or [""]):
         print(("reason             " if i == 0 else " " * 19) + line)
-    tests = list(r.gate_checks)
+    tests = sorted(r.gate_checks, key=lambda g: (g.name == "balanced_accuracy", g.name))
     if not tests:
         return
     print()

@@ -210,3 +210,47 @@ def test_privacy_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
         line for line in printed.splitlines() if line.startswith("| efficientnet_lite0_head | 8")
     )
     assert " ± " in eps8_line
+
+
+def test_gate_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if not (HAM10000 / "HAM10000_metadata.csv").is_file():
+        pytest.skip(f"HAM10000 images not found at {HAM10000} (set DERMAFED_HAM10000)")
+    bench = load_benchmark("gate")
+    out = tmp_path / "gate.json"
+    code = bench.main(
+        [
+            "--data",
+            str(HAM10000),
+            "--out",
+            str(tmp_path / "out"),
+            "--train-images",
+            "80",
+            "--holdout-images",
+            "40",
+            "--test-images",
+            "40",
+            "--input-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--rounds",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| setting | pipeline | honest rejected |" in printed
+    report = json.loads(out.read_text())
+    assert [r["setting"] for r in report["results"]] == ["no DP", "ε=8"]
+    for result in report["results"]:
+        assert set(result["final_test"]) == set(bench.PIPELINES)
+        for kind in bench.KINDS:
+            tallies = result["poisoned"][kind]
+            # Round 2 is judged against round 1's model: one trial per kind and pipeline.
+            assert all(t["judged"] == 1 for t in tallies.values())
+        # The sum checks stop the attacks they exist for, before any scoring; the v1
+        # pipeline has no sum checks, so nothing it rejects is attributed to them.
+        assert result["poisoned"]["tiny_weight"]["harm"]["by_sum"] == 1
+        assert all(result["poisoned"][k]["v1"]["by_sum"] == 0 for k in bench.KINDS)
