@@ -103,6 +103,9 @@ class RoundRow:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     reason: str = ""
     gate: str = ""
+    # The gate's rule and its reason (the evidence in words), accepted or not.
+    gate_rule: str = ""
+    gate_reason: str = ""
 
 
 def _toml_value(value: object) -> str:
@@ -346,6 +349,8 @@ def _row(rs: admin_pb2.RoundSummary) -> RoundRow:
         stage_seconds=dict(rs.stage_seconds),
         reason=rs.reason,
         gate=rs.gate,
+        gate_rule=rs.gate_rule,
+        gate_reason=rs.gate_reason,
     )
 
 
@@ -526,6 +531,8 @@ def _follow_rounds(
                     )
                     + (f" ({row.reason})" if row.reason else "")
                 )
+                if row.gate == "accept" and row.gate_reason:
+                    out(f"      gate ({row.gate_rule}): {row.gate_reason}")
                 last_state = ""
             if st.rounds_completed >= opts.rounds and not st.HasField("current_round"):
                 clinics = client.clinics().clinics
