@@ -68,6 +68,8 @@ def test_demo_runs_a_federation_and_prints_the_table(tmp_path: Path):
     row = out.splitlines()[out.splitlines().index(header) + 1].split()
     assert row[:2] == ["1", "published"] and row[3] == "3/3"
     assert "local training" in out
+    # The gate's decision comes with its reason (round 1: only the floor applies).
+    assert "gate (harm): the published model is at chance level" in out
     ledger = workdir / "state" / "aggregator" / "ledger.sqlite"
     conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     outcome, mode, cid = conn.execute(
