@@ -292,5 +292,14 @@ class AggregatorConfig:
             )
 
 
+def gate_off_reason(config: AggregatorConfig) -> str | None:
+    """Why this configuration would publish every candidate unchecked (None: it would not)."""
+    if not config.validation.gate:
+        return "[validation] gate = false"
+    if config.validation.holdout is None or not str(config.validation.holdout):
+        return "no [validation] holdout is configured"
+    return None
+
+
 def load_aggregator_config(path: Path | None, **kwargs: object) -> AggregatorConfig:
     return load_config(AggregatorConfig, path, **kwargs)  # type: ignore[arg-type]

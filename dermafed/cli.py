@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -26,6 +27,12 @@ def _add_daemon_commands(sub: argparse._SubParsersAction) -> None:
     agg_sub = agg.add_subparsers(dest="action", required=True)
     serve = agg_sub.add_parser("serve", help="serve the federation until SIGTERM")
     serve.add_argument("--config", required=True, help="aggregator TOML file")
+    serve.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="start even though the validation gate is off (no held-out set, or gate = false): "
+        "every candidate is then published unchecked",
+    )
     serve.set_defaults(func=_aggregator_serve)
     _add_backup_commands(agg_sub, "aggregator", "the ledger and its checkpoints")
 
@@ -99,12 +106,29 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _aggregator_serve(args: argparse.Namespace) -> int:
-    from aggregator.config import load_aggregator_config
+    from aggregator.config import gate_off_reason, load_aggregator_config
     from aggregator.server import serve_forever
     from common.logs import setup_logging
 
     config = load_aggregator_config(Path(args.config))
+    off = gate_off_reason(config)
+    if off is not None and not args.no_gate:
+        # A federation without its gate publishes whatever a round produces; that must be
+        # a decision the operator states, not the silent result of a missing setting.
+        print(
+            f"dermafed aggregator: the validation gate is off ({off}), so every candidate "
+            "would be published unchecked; configure a held-out set (README: Validation "
+            "gate and rollback) or start with --no-gate to accept that",
+            file=sys.stderr,
+        )
+        return 2
     setup_logging(config.logging.level, json_lines=config.logging.json)
+    if off is not None:
+        logging.getLogger("dermafed.aggregator").warning(
+            "the validation gate is off (%s; --no-gate): every candidate is published "
+            "unchecked, only the checks on the unmasked sum apply",
+            off,
+        )
     return serve_forever(config)
 
 

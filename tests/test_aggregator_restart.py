@@ -88,7 +88,8 @@ def test_sigkill_mid_round_then_restart(federation: Federation, tmp_path: Path):
         },
     )
     log = open(tmp_path / "aggregator.log", "ab")  # noqa: SIM115
-    cmd = [sys.executable, "-m", "dermafed.cli", "aggregator", "serve", "--config", str(cfg_path)]
+    cmd = [sys.executable, "-m", "dermafed.cli", "aggregator", "serve", "--no-gate"]
+    cmd += ["--config", str(cfg_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     ledger = state / "ledger.sqlite"
@@ -170,6 +171,31 @@ def test_bad_config_exits_non_zero_naming_the_key(tmp_path: Path):
     result = _serve("agent", "run", "--config", str(agent_cfg))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "aggregator.address" in result.stderr  # the first missing key is named
+
+
+def test_the_aggregator_refuses_to_start_with_its_gate_off(federation: Federation, tmp_path: Path):
+    pki = federation.pki
+    base = {
+        "federation": pki.federation,
+        "server": {"listen": "127.0.0.1:0"},
+        "tls": {"ca_cert": pki.ca_cert, "cert": pki.aggregator.cert, "key": pki.aggregator.key},
+        "storage": {"state_dir": tmp_path / "state"},
+    }
+    cfg = tmp_path / "aggregator.toml"
+    for validation, why in (
+        ({}, "no [validation] holdout is configured"),
+        (
+            {"validation": {"holdout": federation.holdout, "gate": False}},
+            "[validation] gate = false",
+        ),
+    ):
+        write_toml(cfg, {**base, **validation})
+        result = _serve("aggregator", "serve", "--config", str(cfg))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr
+        assert f"the validation gate is off ({why})" in lines[0] and "--no-gate" in lines[0]
+        assert not (tmp_path / "state").exists(), "refused before touching any state"
 
 
 def test_a_restart_keeps_the_schedule_and_starts_no_round_early(federation: Federation):

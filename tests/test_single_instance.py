@@ -126,6 +126,7 @@ def test_the_cli_says_so_in_one_line(federation: Federation, tmp_path: Path):
                 "dermafed.cli",
                 "aggregator",
                 "serve",
+                "--no-gate",
                 "--config",
                 str(cfg_path),
             ],
@@ -145,9 +146,13 @@ def test_the_cli_says_so_in_one_line(federation: Federation, tmp_path: Path):
     assert not (state / "ledger.sqlite").exists(), "refused before touching the ledger"
 
 
+# The test configs have no held-out set: the gate is off, deliberately.
+AGGREGATOR_SERVE = [sys.executable, "-m", "dermafed.cli", "aggregator", "serve", "--no-gate"]
+
+
 def _serve(cfg_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dermafed.cli", "aggregator", "serve", "--config", str(cfg_path)],
+        [*AGGREGATOR_SERVE, "--config", str(cfg_path)],
         cwd=REPO,
         capture_output=True,
         text=True,

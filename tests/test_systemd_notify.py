@@ -229,7 +229,9 @@ def test_aggregator_daemon_notifies_ready_watchdog_and_stopping(
         },
     )
     _run_daemon(
-        ["aggregator", "serve", "--config", str(config)], listener, tmp_path / "aggregator.log"
+        ["aggregator", "serve", "--no-gate", "--config", str(config)],
+        listener,
+        tmp_path / "aggregator.log",
     )
 
 
