@@ -9,6 +9,7 @@ held-out set, publish it, and record everything in the ledger.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from aggregator.domain import (
 from aggregator.fedavg import MAX_WEIGHT
 from aggregator.gate import PairedEvidence, decide
 from aggregator.ledger import Ledger
+from aggregator.membership import Membership
 from aggregator.metrics import AggregatorMetrics
 from aggregator.privacy_floor import PrivacyFloor
 from aggregator.round_modes import (
@@ -150,6 +152,7 @@ class Coordinator:
         self._specs: tuple[TensorSpec, ...] = ()
         self.gate = config.validation.gate_settings()
         self.privacy_floor = PrivacyFloor(ledger, metrics, clock)
+        self.membership = Membership(ledger, clock)
         # When each clinic was last seen as of the ledger (restored at start), and when
         # this process last wrote it there.
         self._seen_at_start: dict[str, float] = {}
@@ -186,6 +189,7 @@ class Coordinator:
         self._published = (cid, int(round_no or 0))
         self._rounds_finished = sum(1 for r in self.ledger.rounds(limit=1_000_000) if r.outcome)
         self.privacy_floor.load()
+        self.membership.load()
         self._restore_clinic_metrics()
         last = self.ledger.rounds(limit=1)
         # The schedule resumes from the ledger, not from the restart: otherwise every
@@ -214,10 +218,17 @@ class Coordinator:
     def _restore_clinic_metrics(self) -> None:
         """Per-clinic series start from the ledger, not empty, after a restart: a clinic
         that was down across the restart still looks silent, and its budget is known."""
-        self._seen_at_start = self.ledger.clinics_seen()
+        # An excluded clinic is out of the federation, not silent: no series for it.
+        self._seen_at_start = {
+            c: at
+            for c, at in self.ledger.clinics_seen().items()
+            if not self.membership.is_excluded(c)
+        }
         for clinic, at in self._seen_at_start.items():
             self.metrics.clinic_last_seen.labels(clinic=clinic).set(at)
         for clinic, ev in self.ledger.latest_clinic_events("privacy").items():
+            if self.membership.is_excluded(clinic):
+                continue
             try:
                 report = json.loads(ev.detail or "")
             except ValueError:
@@ -270,8 +281,9 @@ class Coordinator:
         """Long-poll: return a task for ``clinic`` as soon as there is one, or after wait_s."""
         give_up = time.monotonic() + max(0.0, wait_s)
         with self._cond:
+            # Before _touch: an excluded or refused clinic does not count as connected.
+            self.membership.check(clinic)
             if privacy is not None:
-                # Before _touch: a refused clinic does not count as connected.
                 self.privacy_floor.check(clinic, privacy)
             self._touch(clinic)
             if privacy is not None:
@@ -293,6 +305,29 @@ class Coordinator:
         """An admin accepts a clinic's lower epsilon; returns (old floor, new floor)."""
         with self._cond:
             return self.privacy_floor.acknowledge(clinic, reason, actor)
+
+    def set_clinic_excluded(self, clinic: str, excluded: bool, reason: str, actor: str) -> bool:
+        """An admin takes ``clinic`` out of the federation or brings it back; returns whether
+        it was excluded before. A running round that has it in its cohort carries on."""
+        with self._cond:
+            was = self.membership.set(clinic, excluded, reason, actor)
+            if excluded:
+                # Its per-clinic series go: an excluded clinic is not "silent", it is out.
+                self._clinics.pop(clinic, None)
+                self._seen_at_start.pop(clinic, None)
+                self._forget_clinic_series(clinic)
+            self._cond.notify_all()
+            return was
+
+    def _forget_clinic_series(self, clinic: str) -> None:
+        for gauge in (
+            self.metrics.clinic_last_seen,
+            self.metrics.clinic_epsilon_spent,
+            self.metrics.clinic_epsilon_remaining,
+            self.metrics.clinic_privacy_reset,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(clinic)
 
     def _record_privacy_locked(self, clinic: str, report: PrivacyReport) -> None:
         self.privacy_floor.record(clinic, report)
@@ -624,8 +659,9 @@ class Coordinator:
             connected = set(self._connected_locked(now))
             floors = self.privacy_floor.floors
             refused = {c for c in floors if self.privacy_floor.is_refused(c)}
+            excluded = self.membership.excluded
         views = []
-        for clinic in sorted(set(counts) | set(seen) | set(floors)):
+        for clinic in sorted(set(counts) | set(seen) | set(floors) | set(excluded)):
             c = counts.get(clinic, {})
             spent, remaining = epsilon.get(clinic, (None, None))
             views.append(
@@ -641,6 +677,7 @@ class Coordinator:
                     epsilon_remaining=remaining,
                     epsilon_floor=floors.get(clinic),
                     privacy_reset=clinic in refused,
+                    excluded_reason=excluded.get(clinic),
                 )
             )
         return views
@@ -712,7 +749,9 @@ class Coordinator:
         return sorted(
             c
             for c, i in self._clinics.items()
-            if now - i.last_seen <= horizon and not self.privacy_floor.is_refused(c)
+            if now - i.last_seen <= horizon
+            and not self.privacy_floor.is_refused(c)
+            and not self.membership.is_excluded(c)
         )
 
     def _loop(self) -> None:

@@ -163,6 +163,7 @@ class ClinicView:
     # The highest epsilon spent this identity has reported; a report below it is refused.
     epsilon_floor: float | None = None
     privacy_reset: bool = False  # refused now: reported less than epsilon_floor
+    excluded_reason: str | None = None  # excluded by the operator, with the reason
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from common.errors import (
     BusyError,
     DermafedError,
     DuplicateSubmissionError,
+    ExcludedError,
     IntegrityError,
     InvalidArgumentError,
     InvalidUpdateError,
@@ -53,6 +54,7 @@ _STATUS: list[tuple[type[DermafedError], grpc.StatusCode]] = [
     (DuplicateSubmissionError, grpc.StatusCode.ALREADY_EXISTS),
     (StaleRoundError, grpc.StatusCode.FAILED_PRECONDITION),
     (NotInCohortError, grpc.StatusCode.PERMISSION_DENIED),
+    (ExcludedError, grpc.StatusCode.PERMISSION_DENIED),
     (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
@@ -636,7 +638,23 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
             if v.epsilon_floor is not None:
                 info.epsilon_floor = v.epsilon_floor
             info.privacy_reset = v.privacy_reset
+            if v.excluded_reason is not None:
+                info.excluded = True
+                info.excluded_reason = v.excluded_reason
         return out
+
+    def SetClinicExcluded(
+        self, request: admin_pb2.SetClinicExcludedRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.SetClinicExcludedResponse:
+        who = self._identity(context, "SetClinicExcluded", "admin")
+        was = self._call(
+            context,
+            "SetClinicExcluded",
+            lambda: self.coordinator.set_clinic_excluded(
+                request.clinic, request.excluded, request.reason, who.uri
+            ),
+        )
+        return admin_pb2.SetClinicExcludedResponse(was_excluded=was)
 
     def AcknowledgePrivacyReset(
         self, request: admin_pb2.AcknowledgePrivacyResetRequest, context: grpc.ServicerContext

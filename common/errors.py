@@ -44,6 +44,10 @@ class NotInCohortError(DermafedError):
     """The calling clinic was not selected for this round."""
 
 
+class ExcludedError(DermafedError):
+    """The operator has excluded the calling clinic from the federation (for now)."""
+
+
 class NotFoundError(DermafedError):
     """A referenced checkpoint, round or clinic does not exist."""
 

@@ -82,5 +82,13 @@ class AdminClient:
             timeout=self.timeout_s,
         )
 
+    def set_clinic_excluded(
+        self, clinic: str, excluded: bool, reason: str
+    ) -> admin_pb2.SetClinicExcludedResponse:
+        return self.stub.SetClinicExcluded(
+            admin_pb2.SetClinicExcludedRequest(clinic=clinic, excluded=excluded, reason=reason),
+            timeout=self.timeout_s,
+        )
+
     def close(self) -> None:
         self.channel.close()

@@ -67,6 +67,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     ack.add_argument("clinic", help="the clinic id, as 'clinics' shows it")
     ack.add_argument("--reason", required=True, help="why; recorded in the audit log")
     ack.set_defaults(func=_run(_ack_privacy_reset))
+    for verb, excluded, text in (
+        ("exclude", True, "take a clinic out of the federation (no cohort, polls refused)"),
+        ("include", False, "bring an excluded clinic back"),
+    ):
+        member = actions.add_parser(verb, help=text)
+        member.add_argument("clinic", help="the clinic id, as 'clinics' shows it")
+        member.add_argument("--reason", required=True, help="why; recorded in the audit log")
+        member.set_defaults(func=_run(_set_excluded(excluded)))
     # `--json` also after the action (`admin rounds --json`); SUPPRESS keeps the value given
     # before the action when it is not repeated after it.
     for action_parser in actions.choices.values():
@@ -191,6 +199,15 @@ def _ack_privacy_reset(c: AdminClient, a: argparse.Namespace) -> Message:
     if not a.reason.strip():
         raise UsageError("--reason must say why the reset is accepted (it is audited)")
     return c.ack_privacy_reset(a.clinic, a.reason)
+
+
+def _set_excluded(excluded: bool) -> Callable[[AdminClient, argparse.Namespace], Message]:
+    def action(c: AdminClient, a: argparse.Namespace) -> Message:
+        if not a.reason.strip():
+            raise UsageError("--reason must say why (it is audited)")
+        return c.set_clinic_excluded(a.clinic, excluded, a.reason)
+
+    return action
 
 
 def _when(ts: float) -> str:
@@ -374,6 +391,7 @@ def _print_human(action: str, resp: Message) -> None:
                 "epsilon spent",
                 "epsilon left",
                 "privacy",
+                "membership",
             ],
             [
                 [
@@ -386,6 +404,7 @@ def _print_human(action: str, resp: Message) -> None:
                     _num(c.epsilon_spent, ".2f") if c.HasField("epsilon_spent") else "-",
                     _num(c.epsilon_remaining, ".2f") if c.HasField("epsilon_remaining") else "-",
                     (f"RESET (was {_num(c.epsilon_floor, '.2f')})" if c.privacy_reset else "ok"),
+                    f"EXCLUDED: {c.excluded_reason}" if c.excluded else "member",
                 ]
                 for c in resp.clinics
             ],
@@ -407,5 +426,10 @@ def _print_human(action: str, resp: Message) -> None:
             f"privacy reset acknowledged: epsilon floor {resp.previous_floor:.2f} -> "
             f"{resp.new_floor:.2f}; the clinic is served again"
         )
+    elif isinstance(resp, admin_pb2.SetClinicExcludedResponse):
+        if action == "exclude":
+            print("clinic excluded: it is in no cohort and its polls are refused until 'include'")
+        else:
+            print("clinic included again: it joins cohorts from its next poll")
     elif isinstance(resp, admin_pb2.ReloadRevocationsResponse):
         print(f"revocation list reloaded: {resp.revoked} revoked serial(s)")

@@ -148,6 +148,85 @@ def test_an_impossible_sum_is_rejected_before_any_model_is_formed(fed):
     assert round_to_proto(coord.list_rounds(1, 2)[0]).sum_check_failed == "weight"
 
 
+def test_an_excluded_clinic_is_in_no_cohort_until_included_and_each_change_is_audited(fed):
+    service = fed.start_aggregator(
+        fed.aggregator_config(
+            rounds=RoundsSection(
+                aggregation="plain", min_clinics=2, start_when_connected=2, train_deadline_s=60
+            ),
+            plan=PlanSection(delta_clip_norm=0.0),
+        )
+    )
+    coord = service.coordinator
+    stubs = raw_clinics(fed, ("clinic-a", "clinic-b", "clinic-c"))
+    stubs["clinic-c"].Poll(federation_pb2.PollRequest(wait_ms=0), timeout=5)
+    admin = _admin(fed, fed.pki.admins["alice"])
+    reg = service.registry
+    assert reg.get_sample_value(
+        "dermafed_clinic_last_seen_timestamp_seconds", {"clinic": "clinic-c"}
+    )
+
+    def exclude(clinic: str, excluded: bool, reason: str = "data under review"):
+        return admin.SetClinicExcluded(
+            admin_pb2.SetClinicExcludedRequest(clinic=clinic, excluded=excluded, reason=reason),
+            timeout=5,
+        )
+
+    assert exclude("clinic-c", True).was_excluded is False
+    # Its polls are refused with the operator's reason; it is listed as excluded.
+    with pytest.raises(grpc.RpcError) as err:
+        stubs["clinic-c"].Poll(federation_pb2.PollRequest(wait_ms=0), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "excluded from the federation by its operator (data under review)" in (
+        err.value.details() or ""
+    )
+    clinics = {c.clinic: c for c in admin.ListClinics(admin_pb2.ListClinicsRequest()).clinics}
+    assert clinics["clinic-c"].excluded and clinics["clinic-c"].excluded_reason == (
+        "data under review"
+    )
+    # Out of the federation, not silent: its per-clinic series are gone.
+    assert (
+        reg.get_sample_value("dermafed_clinic_last_seen_timestamp_seconds", {"clinic": "clinic-c"})
+        is None
+    )
+    # The first round's cohort leaves it out.
+    for name in ("clinic-a", "clinic-b"):
+        stubs[name].Poll(federation_pb2.PollRequest(wait_ms=0), timeout=5)
+    assert coord.wait_until(lambda: coord.running_round() == 1, 20)
+    rec = service.ledger.round(1)
+    assert rec is not None and sorted(rec.cohort) == ["clinic-a", "clinic-b"]
+    clinics = {c.clinic: c for c in admin.ListClinics(admin_pb2.ListClinicsRequest()).clinics}
+    assert not clinics["clinic-a"].excluded and clinics["clinic-c"].excluded
+    admin.AbortRound(admin_pb2.AbortRoundRequest(round=1, reason="test"), timeout=5)
+    # Mistakes get the right status and change nothing.
+    for clinic, excluded, reason, code in (
+        ("clinic-c", True, "again", grpc.StatusCode.FAILED_PRECONDITION),
+        ("clinic-a", False, "not excluded", grpc.StatusCode.FAILED_PRECONDITION),
+        ("Clinic C!", True, "bad name", grpc.StatusCode.INVALID_ARGUMENT),
+        ("clinic-b", True, "  ", grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            exclude(clinic, excluded, reason)
+        assert err.value.code() == code, (clinic, err.value.details())
+    # Included again: it polls and joins cohorts.
+    assert exclude("clinic-c", False, "review done").was_excluded is True
+    stubs["clinic-c"].Poll(federation_pb2.PollRequest(wait_ms=0), timeout=5)
+    actions = [(e.action, e.detail) for e in service.ledger.audit_log() if "clinic" in e.action]
+    assert actions[:2] == [
+        ("include_clinic", {"clinic": "clinic-c", "reason": "review done"}),
+        ("exclude_clinic", {"clinic": "clinic-c", "reason": "data under review"}),
+    ]
+    # The ledger carries the state across a restart.
+    from aggregator.membership import Membership
+
+    restored = Membership(service.ledger, time.time)
+    restored.load()
+    assert restored.excluded == {}
+    exclude("clinic-b", True, "leaving")
+    restored.load()
+    assert restored.excluded == {"clinic-b": "leaving"}
+
+
 def test_admin_rollback_trigger_abort_and_audit(fed):
     service, stubs = _start(fed, max_rounds=2)
     coord = service.coordinator
@@ -255,7 +334,19 @@ ADMIN_CALLS = {
     "ReloadRevocations": lambda s: s.ReloadRevocations(
         admin_pb2.ReloadRevocationsRequest(), timeout=5
     ),
+    "AcknowledgePrivacyReset": lambda s: s.AcknowledgePrivacyReset(
+        admin_pb2.AcknowledgePrivacyResetRequest(clinic="clinic-a", reason="test"), timeout=5
+    ),
+    "SetClinicExcluded": lambda s: s.SetClinicExcluded(
+        admin_pb2.SetClinicExcludedRequest(clinic="clinic-z", excluded=False, reason="t"),
+        timeout=5,
+    ),
 }
+
+
+def test_the_matrix_covers_every_admin_method():
+    service = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
+    assert set(ADMIN_CALLS) == {m.name for m in service.methods}
 
 
 def test_authorisation_matrix_for_every_admin_method(fed):
@@ -333,6 +424,14 @@ def test_admin_cli_tables_and_json(fed, capsys, tmp_path):
     assert main(["admin", "--config", str(cfg), "--json", "clinics"]) == 0
     clinics = json.loads(capsys.readouterr().out)["clinics"]
     assert {c["clinic"] for c in clinics} == {"clinic-a", "clinic-b"}
+    assert main(["admin", "--config", str(cfg), "exclude", "clinic-b", "--reason", "moving"]) == 0
+    assert "clinic excluded" in capsys.readouterr().out
+    assert main(["admin", "--config", str(cfg), "clinics"]) == 0
+    assert "EXCLUDED: moving" in capsys.readouterr().out
+    assert main(["admin", "--config", str(cfg), "include", "clinic-b", "--reason", "back"]) == 0
+    assert "included again" in capsys.readouterr().out
+    assert main(["admin", "--config", str(cfg), "include", "clinic-b", "--reason", "x"]) == 1
+    assert "FAILED_PRECONDITION" in capsys.readouterr().err
     # --json after the action, too.
     assert main(["admin", "--config", str(cfg), "clinics", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["clinics"]

@@ -616,6 +616,8 @@ class ClinicInfo(_message.Message):
     EPSILON_REMAINING_FIELD_NUMBER: _builtins.int
     EPSILON_FLOOR_FIELD_NUMBER: _builtins.int
     PRIVACY_RESET_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
+    EXCLUDED_REASON_FIELD_NUMBER: _builtins.int
     clinic: _builtins.str
     connected: _builtins.bool
     last_seen: _builtins.float
@@ -632,6 +634,9 @@ class ClinicInfo(_message.Message):
     """True while the clinic is refused for reporting less than epsilon_floor (its privacy
     ledger was reset or replaced); AcknowledgePrivacyReset lifts it.
     """
+    excluded: _builtins.bool
+    """Excluded by the operator (SetClinicExcluded), and the reason given."""
+    excluded_reason: _builtins.str
     def __init__(
         self,
         *,
@@ -646,10 +651,12 @@ class ClinicInfo(_message.Message):
         epsilon_remaining: _builtins.float | None = ...,
         epsilon_floor: _builtins.float | None = ...,
         privacy_reset: _builtins.bool = ...,
+        excluded: _builtins.bool = ...,
+        excluded_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_epsilon_floor", b"_epsilon_floor", "_epsilon_remaining", b"_epsilon_remaining", "_epsilon_spent", b"_epsilon_spent", "epsilon_floor", b"epsilon_floor", "epsilon_remaining", b"epsilon_remaining", "epsilon_spent", b"epsilon_spent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epsilon_floor", b"_epsilon_floor", "_epsilon_remaining", b"_epsilon_remaining", "_epsilon_spent", b"_epsilon_spent", "clinic", b"clinic", "connected", b"connected", "declines", b"declines", "dropouts", b"dropouts", "epsilon_floor", b"epsilon_floor", "epsilon_remaining", b"epsilon_remaining", "epsilon_spent", b"epsilon_spent", "last_decline_reason", b"last_decline_reason", "last_seen", b"last_seen", "privacy_reset", b"privacy_reset", "rounds_contributed", b"rounds_contributed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epsilon_floor", b"_epsilon_floor", "_epsilon_remaining", b"_epsilon_remaining", "_epsilon_spent", b"_epsilon_spent", "clinic", b"clinic", "connected", b"connected", "declines", b"declines", "dropouts", b"dropouts", "epsilon_floor", b"epsilon_floor", "epsilon_remaining", b"epsilon_remaining", "epsilon_spent", b"epsilon_spent", "excluded", b"excluded", "excluded_reason", b"excluded_reason", "last_decline_reason", b"last_decline_reason", "last_seen", b"last_seen", "privacy_reset", b"privacy_reset", "rounds_contributed", b"rounds_contributed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__epsilon_floor: _TypeAlias = _typing.Literal["epsilon_floor"]  # noqa: Y015
     _WhichOneofArgType__epsilon_floor: _TypeAlias = _typing.Literal["_epsilon_floor", b"_epsilon_floor"]  # noqa: Y015
@@ -745,6 +752,55 @@ class AcknowledgePrivacyResetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AcknowledgePrivacyResetResponse: _TypeAlias = AcknowledgePrivacyResetResponse  # noqa: Y015
+
+@_typing.final
+class SetClinicExcludedRequest(_message.Message):
+    """Take a clinic out of the federation (no cohort, polls refused with the reason) or bring
+    it back; its certificate stays valid (revocation is separate). Audited with the reason.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLINIC_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    clinic: _builtins.str
+    excluded: _builtins.bool
+    reason: _builtins.str
+    """required; recorded in the audit log"""
+    def __init__(
+        self,
+        *,
+        clinic: _builtins.str = ...,
+        excluded: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clinic", b"clinic", "excluded", b"excluded", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetClinicExcludedRequest: _TypeAlias = SetClinicExcludedRequest  # noqa: Y015
+
+@_typing.final
+class SetClinicExcludedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAS_EXCLUDED_FIELD_NUMBER: _builtins.int
+    was_excluded: _builtins.bool
+    def __init__(
+        self,
+        *,
+        was_excluded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["was_excluded", b"was_excluded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetClinicExcludedResponse: _TypeAlias = SetClinicExcludedResponse  # noqa: Y015
 
 @_typing.final
 class ReloadRevocationsRequest(_message.Message):

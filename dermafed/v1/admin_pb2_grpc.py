@@ -79,6 +79,11 @@ class AdminStub:
                 request_serializer=dermafed_dot_v1_dot_admin__pb2.AcknowledgePrivacyResetRequest.SerializeToString,
                 response_deserializer=dermafed_dot_v1_dot_admin__pb2.AcknowledgePrivacyResetResponse.FromString,
                 _registered_method=True)
+        self.SetClinicExcluded = channel.unary_unary(
+                '/dermafed.v1.Admin/SetClinicExcluded',
+                request_serializer=dermafed_dot_v1_dot_admin__pb2.SetClinicExcludedRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_admin__pb2.SetClinicExcludedResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -142,6 +147,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetClinicExcluded(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +200,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.AcknowledgePrivacyReset,
                     request_deserializer=dermafed_dot_v1_dot_admin__pb2.AcknowledgePrivacyResetRequest.FromString,
                     response_serializer=dermafed_dot_v1_dot_admin__pb2.AcknowledgePrivacyResetResponse.SerializeToString,
+            ),
+            'SetClinicExcluded': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetClinicExcluded,
+                    request_deserializer=dermafed_dot_v1_dot_admin__pb2.SetClinicExcludedRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_admin__pb2.SetClinicExcludedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +450,33 @@ class Admin:
             '/dermafed.v1.Admin/AcknowledgePrivacyReset',
             dermafed_dot_v1_dot_admin__pb2.AcknowledgePrivacyResetRequest.SerializeToString,
             dermafed_dot_v1_dot_admin__pb2.AcknowledgePrivacyResetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetClinicExcluded(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Admin/SetClinicExcluded',
+            dermafed_dot_v1_dot_admin__pb2.SetClinicExcludedRequest.SerializeToString,
+            dermafed_dot_v1_dot_admin__pb2.SetClinicExcludedResponse.FromString,
             options,
             channel_credentials,
             insecure,
