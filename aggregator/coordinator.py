@@ -308,7 +308,7 @@ class Coordinator:
 
     def set_clinic_excluded(self, clinic: str, excluded: bool, reason: str, actor: str) -> bool:
         """An admin takes ``clinic`` out of the federation or brings it back; returns whether
-        it was excluded before. A running round that has it in its cohort carries on."""
+        it was excluded before. A running round with it in its cohort goes on without it."""
         with self._cond:
             was = self.membership.set(clinic, excluded, reason, actor)
             if excluded:

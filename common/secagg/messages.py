@@ -1,7 +1,8 @@
 """What travels in a secure-aggregation round, how it is signed, and the protocol's errors.
 
-The round protocol (Bonawitz et al., CCS 2017, with the malicious-aggregator defences; see
-"A round" in DESIGN.md) runs in five stages, named in :data:`STAGES`. The clinic side is
+The round protocol (Bonawitz et al., CCS 2017, with the malicious-aggregator defences;
+README's "Secure aggregation" section, and "A round" in the project's design document,
+which lives beside the repository rather than in it) runs in five stages, named in :data:`STAGES`. The clinic side is
 :class:`clinic_agent.secagg_client.SecAggClient`, the aggregator side
 :class:`aggregator.secagg_server.SecAggServer`; both exchange the plain dataclasses below,
 which the gRPC layer maps one-to-one onto protobuf messages.
@@ -68,7 +69,7 @@ SEED_BYTES = 32
 RING_ELEMENT_BYTES = 4
 """Masked vectors travel as little-endian uint32."""
 UPLOAD_CHUNK_ELEMENTS = 1 << 18
-"""Elements per streamed chunk of a masked vector: 1 MiB, as DESIGN.md asks."""
+"""Elements per streamed chunk of a masked vector: 1 MiB, as the design document asks."""
 
 
 # --------------------------------------------------------------------------- errors
