@@ -27,6 +27,7 @@ from clinic_agent.dp_training import train_dp
 from clinic_agent.metrics import AgentMetrics
 from clinic_agent.outcomes import PreparedRound, RoundOutcome, TrainedUpdate
 from clinic_agent.privacy_guard import PrivacyGuard, Refusal
+from clinic_agent.progress import TrainingProgress
 from clinic_agent.secure_rounds import SecureRounds
 from clinic_agent.training import TrainConfig, TrainResult, compute_delta, train_local
 from common.backoff import Backoff
@@ -277,6 +278,9 @@ class ClinicAgent:
         threads = self.config.training.threads or None
         t0 = time.monotonic()
         result: TrainResult
+        progress = TrainingProgress(
+            int(plan.round), self.metrics.training_progress, self.metrics.training_round
+        )
         if prepared.decision is not None:
             # Charged before training starts: a crash from here on can never make the
             # clinic forget the spending.
@@ -313,6 +317,7 @@ class ClinicAgent:
                 logit_offsets=offsets,
                 threads=threads,
                 features=self.features,
+                progress=progress,
             )
         else:
             result = train_local(
@@ -323,6 +328,7 @@ class ClinicAgent:
                 prepared.tcfg,
                 threads=threads,
                 features=self.features,
+                progress=progress,
             )
         train_seconds = time.monotonic() - t0
         vector = flatten(compute_delta(result.state, prepared.global_state))

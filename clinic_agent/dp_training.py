@@ -54,6 +54,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from clinic_agent.privacy import MechanismStep
 from clinic_agent.training import (
+    Progress,
     ProximalTerm,
     TrainConfig,
     TrainResult,
@@ -277,6 +278,7 @@ def train_dp(
     noise_seed: int | None = None,
     secure_noise: bool = True,
     features: FeatureCache | None = None,
+    progress: Progress | None = None,
 ) -> DPTrainResult:
     """Run DP-SGD with exactly ``mechanism`` (as planned and charged) from ``global_state``.
 
@@ -347,6 +349,8 @@ def train_dp(
                     loss_sum += float(loss or 0.0) * len(idx)
                     seen += len(idx)
                 done += 1
+                if progress is not None:
+                    progress(done, mechanism.steps)
         finally:
             seconds = time.perf_counter() - start
             gsm.cleanup()  # drop Opacus's hooks and per-example attributes

@@ -32,6 +32,17 @@ class AgentMetrics:
             "Local training throughput.",
             registry=registry,
         )
+        self.training_progress = Gauge(
+            "dermafed_agent_training_progress_ratio",
+            "Share of the current local training's planned optimiser steps done (0 to 1; "
+            "stays at 1 after a round until the next one starts).",
+            registry=registry,
+        )
+        self.training_round = Gauge(
+            "dermafed_agent_training_round",
+            "The round the local training progress refers to.",
+            registry=registry,
+        )
         self.local_examples = Gauge(
             "dermafed_agent_local_examples",
             "Training examples found in the data folder.",

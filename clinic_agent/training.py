@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -410,6 +410,14 @@ class EpochBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return index_batches(self.images, self.labels, self.batch_size, self._rng, self.sampling)
 
+    def __len__(self) -> int:
+        """Batches per epoch (every sampling mode draws one epoch's worth of indices)."""
+        return -(-len(self.labels) // self.batch_size)
+
+
+Progress = Callable[[int, int], None]
+"""Called after every optimiser step with (steps done, steps planned)."""
+
 
 _MEAN = torch.tensor(NORMALISATION["mean"], dtype=torch.float32)
 _STD = torch.tensor(NORMALISATION["std"], dtype=torch.float32)
@@ -576,17 +584,22 @@ def train_epochs(
     policy: AugmentPolicy | None = None,
     channels_last: bool = False,
     max_steps: int = 0,
+    progress: Progress | None = None,
 ) -> tuple[float, int]:
     """Run ``epochs`` passes over ``batches`` (re-iterated each epoch, e.g. a DataLoader),
     or stop after ``max_steps`` optimiser steps when that is positive.
 
     Returns (mean data loss weighted by batch size, examples processed). Empty batches,
-    which a Poisson-sampling loader can produce, are skipped.
+    which a Poisson-sampling loader can produce, are skipped. ``progress`` hears of every
+    step (the planned total is 0 when ``batches`` has no length).
     """
     model.train()
     loss_sum = 0.0
     seen = 0
     steps = 0
+    planned = epochs * len(batches) if isinstance(batches, Sized) else 0
+    if max_steps and planned:
+        planned = min(planned, max_steps)
     for _ in range(epochs):
         for images, labels in batches:
             if len(labels) == 0:
@@ -600,6 +613,8 @@ def train_epochs(
             loss = train_step(model, optimizer, x, labels, loss_fn, proximal)
             loss_sum += loss * len(labels)
             seen += len(labels)
+            if progress is not None:
+                progress(steps, planned)
     return (loss_sum / seen if seen else float("nan")), seen
 
 
@@ -659,6 +674,7 @@ def train_local(
     *,
     threads: int | None = None,
     features: FeatureCache | None = None,
+    progress: Progress | None = None,
 ) -> TrainResult:
     """Train from ``global_state`` on local data; returns the new weights (not the delta).
 
@@ -696,6 +712,7 @@ def train_local(
             policy=cfg.augment_policy,
             channels_last=channels_last,
             max_steps=cfg.max_steps,
+            progress=progress,
         )
         seconds = time.perf_counter() - start
     return TrainResult(
