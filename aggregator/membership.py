@@ -3,9 +3,10 @@
 Exclusion is the operator's "this clinic is not part of the federation for now" (it is
 leaving, its data are under review, it misbehaved): unlike revocation it keeps the
 clinic's certificate valid and is undone with one admin call. An excluded clinic is in
-no cohort and its polls are refused with the operator's reason, so a round already running
-with it goes on without it (it drops out, as a clinic that went offline would). Every change is a clinic event in the ledger (so it survives
-restarts) and an audit entry naming the admin.
+no cohort and its polls are refused with the operator's reason, so a round already
+running with it goes on without it (it drops out, as a clinic that went offline would).
+Every change is a clinic event in the ledger (so it survives restarts) and an audit entry
+naming the admin.
 
 Not thread-safe on its own: the coordinator calls it under its lock.
 """

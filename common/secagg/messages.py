@@ -2,10 +2,10 @@
 
 The round protocol (Bonawitz et al., CCS 2017, with the malicious-aggregator defences;
 README's "Secure aggregation" section, and "A round" in the project's design document,
-which lives beside the repository rather than in it) runs in five stages, named in :data:`STAGES`. The clinic side is
-:class:`clinic_agent.secagg_client.SecAggClient`, the aggregator side
-:class:`aggregator.secagg_server.SecAggServer`; both exchange the plain dataclasses below,
-which the gRPC layer maps one-to-one onto protobuf messages.
+which lives beside the repository rather than in it) runs in five stages, named in
+:data:`STAGES`. The clinic side is :class:`clinic_agent.secagg_client.SecAggClient`, the
+aggregator side :class:`aggregator.secagg_server.SecAggServer`; both exchange the plain
+dataclasses below, which the gRPC layer maps one-to-one onto protobuf messages.
 
 Every byte string that is signed or encrypted is built here with
 :func:`~common.secagg.context.encode_fields` (type-tagged, length-prefixed, so injective)
