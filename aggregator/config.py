@@ -22,6 +22,10 @@ class ServerSection:
     # "HOST:PORT" serving only grpc.health.v1 in plaintext, for Kubernetes gRPC probes
     # (the kubelet cannot present a client certificate to the mTLS port). Empty: off.
     health_listen: str = ""
+    # "HOST:PORT" serving the Admin API (mTLS, admin certificates) on its own gRPC server
+    # and worker pool, so that no amount of clinic traffic delays or refuses an operator,
+    # and the admin port need not face the internet. Empty: Admin shares server.listen.
+    admin_listen: str = ""
     max_message_bytes: int = 4 * 1024 * 1024
     max_update_bytes: int = 512 * 1024 * 1024
     max_workers: int = 32
@@ -37,6 +41,8 @@ class ServerSection:
         parse_hostport(self.listen, "server.listen")
         if self.health_listen:
             parse_hostport(self.health_listen, "server.health_listen")
+        if self.admin_listen:
+            parse_hostport(self.admin_listen, "server.admin_listen")
         require(
             self.max_message_bytes >= 64 * 1024,
             "server.max_message_bytes",

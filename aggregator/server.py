@@ -56,6 +56,9 @@ class AggregatorService:
     health_server: grpc.Server | None = None
     health_port: int | None = None
     metrics_server: WSGIServer | None = None
+    # The Admin API's own mTLS server (server.admin_listen), when it has one.
+    admin_server: grpc.Server | None = None
+    admin_port: int | None = None
     # Held from before the ledger opens until after it closes (see StateDirLock).
     state_lock: StateDirLock | None = None
 
@@ -72,6 +75,8 @@ class AggregatorService:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.coordinator.stop()
         self.server.stop(grace).wait()
+        if self.admin_server is not None:
+            self.admin_server.stop(grace).wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
         if self.metrics_server is not None:
@@ -162,15 +167,33 @@ def _build_service(
         ),
         server,
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminServicer(coordinator, auth, metrics, revocations), server
-    )
+    admin_servicer = AdminServicer(coordinator, auth, metrics, revocations)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    admin_server: grpc.Server | None = None
+    if config.server.admin_listen:
+        # Its own workers and concurrency budget: clinics holding every slot of the
+        # federation port cannot delay or refuse an operator.
+        admin_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"),
+            options=merge_options(SERVER_GRPC_OPTIONS, [EXCLUSIVE_PORT]),
+            maximum_concurrent_rpcs=16,
+        )
+        admin_pb2_grpc.add_AdminServicer_to_server(admin_servicer, admin_server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin_server)
+    else:
+        admin_pb2_grpc.add_AdminServicer_to_server(admin_servicer, server)
     if config.server.reflection:
+        served = (
+            (FEDERATION_SERVICE,)
+            if admin_server is not None
+            else (
+                FEDERATION_SERVICE,
+                ADMIN_SERVICE,
+            )
+        )
         reflection.enable_server_reflection(
-            (FEDERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            server,
+            (*served, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
     host, port = parse_hostport(config.server.listen, "server.listen")
     credentials = server_credentials(config.tls.ca_cert, config.tls.cert, config.tls.key)
@@ -178,23 +201,43 @@ def _build_service(
     # nothing running and the ledger closed.
     health_server: grpc.Server | None = None
     http_server: WSGIServer | None = None
+    admin_port: int | None = None
     try:
         bound = bind_grpc(
             lambda address: server.add_secure_port(address, credentials),
             f"{host}:{port}",
             "server.listen",
         )
+        if admin_server is not None:
+            admin_host, admin_port_wanted = parse_hostport(
+                config.server.admin_listen, "server.admin_listen"
+            )
+            target = admin_server
+            # Its own credentials object: a reloading one serves a single server.
+            admin_credentials = server_credentials(
+                config.tls.ca_cert, config.tls.cert, config.tls.key
+            )
+            admin_port = bind_grpc(
+                lambda address: target.add_secure_port(address, admin_credentials),
+                f"{admin_host}:{admin_port_wanted}",
+                "server.admin_listen",
+            )
         health_server, health_port = _start_health_server(config, health_servicer)
         if config.metrics.listen:
             http_server = start_metrics_server(config.metrics.listen, registry)
     except BaseException:
         server.stop(0)
+        if admin_server is not None:
+            admin_server.stop(0)
         if health_server is not None:
             health_server.stop(0)
         ledger.close()
         raise
     metrics_port = int(http_server.server_port) if http_server is not None else None
     server.start()
+    if admin_server is not None:
+        admin_server.start()
+        log.info("admin API listening on %s (its own workers)", config.server.admin_listen)
     if start_rounds:
         coordinator.start()
     # Only now is the ledger open and the port bound: report SERVING to probes.
@@ -215,6 +258,8 @@ def _build_service(
         health_server,
         health_port,
         http_server,
+        admin_server,
+        admin_port,
         state_lock,
     )
 

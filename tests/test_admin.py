@@ -11,13 +11,13 @@ import pytest
 from federation_harness import Federation, code_of, header_for, raw_clinics, upload
 from pki_fixtures import make_federation
 
-from aggregator.config import PlanSection, RoundsSection, ValidationSection
+from aggregator.config import PlanSection, RoundsSection, ServerSection, ValidationSection
 from aggregator.servicers import round_to_proto
 from common.datasets import CLASSES
 from common.pki import revoke
 from common.tensors import encode_f32le
 from common.tls import channel_credentials, secure_channel
-from dermafed.v1 import admin_pb2, admin_pb2_grpc, federation_pb2
+from dermafed.v1 import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
 
 MEL = CLASSES.index("mel")
 NV = CLASSES.index("nv")
@@ -225,6 +225,78 @@ def test_an_excluded_clinic_is_in_no_cohort_until_included_and_each_change_is_au
     exclude("clinic-b", True, "leaving")
     restored.load()
     assert restored.excluded == {"clinic-b": "leaving"}
+
+
+def test_the_admin_api_on_its_own_listener_answers_while_clinics_hold_every_slot(fed):
+    # server.max_workers = 4 gives the federation port 4 workers and 16 concurrent calls.
+    server = ServerSection(
+        listen="127.0.0.1:0", admin_listen="127.0.0.1:0", max_workers=4, max_poll_wait_s=15.0
+    )
+    service = fed.start_aggregator(
+        fed.aggregator_config(
+            server=server, rounds=RoundsSection(min_clinics=5, start_when_connected=5)
+        )
+    )
+    assert service.admin_port is not None and service.admin_port != service.port
+    pki = fed.pki
+    creds = channel_credentials(pki.ca_cert, pki.admins["alice"].cert, pki.admins["alice"].key)
+    on_admin_port = admin_pb2_grpc.AdminStub(
+        secure_channel(f"localhost:{service.admin_port}", creds)
+    )
+    on_clinic_port = _admin(fed, pki.admins["alice"])
+    assert on_admin_port.GetStatus(admin_pb2.GetStatusRequest(), timeout=5).federation
+    # The clinic port no longer serves Admin, and the admin port serves nothing else.
+    assert (
+        code_of(lambda: on_clinic_port.GetStatus(admin_pb2.GetStatusRequest(), timeout=5))
+        == grpc.StatusCode.UNIMPLEMENTED
+    )
+    clinic_creds = channel_credentials(
+        pki.ca_cert, pki.clinics["clinic-a"].cert, pki.clinics["clinic-a"].key
+    )
+    clinic_on_admin_port = secure_channel(f"localhost:{service.admin_port}", clinic_creds)
+    assert (
+        code_of(
+            lambda: federation_pb2_grpc.FederationStub(clinic_on_admin_port).Poll(
+                federation_pb2.PollRequest(wait_ms=0), timeout=5
+            )
+        )
+        == grpc.StatusCode.UNIMPLEMENTED
+    )
+    assert (
+        code_of(
+            lambda: admin_pb2_grpc.AdminStub(clinic_on_admin_port).GetStatus(
+                admin_pb2.GetStatusRequest(), timeout=5
+            )
+        )
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
+    # One clinic holds 20 long polls: the federation port is full ...
+    stub = raw_clinics(fed, ("clinic-a",))["clinic-a"]
+    held = [
+        stub.Poll.future(federation_pb2.PollRequest(wait_ms=15_000), timeout=30) for _ in range(20)
+    ]
+    try:
+        assert coord_wait(lambda: any(f.done() for f in held), 10), "no poll was refused"
+        refused = [f.exception() for f in held if f.done()]
+        assert refused and all(
+            e is not None and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused
+        )
+        # ... and the operator is answered all the same.
+        status = on_admin_port.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+        assert status.federation == pki.federation
+        assert on_admin_port.ListClinics(admin_pb2.ListClinicsRequest(), timeout=5).clinics
+    finally:
+        for f in held:
+            f.cancel()
+
+
+def coord_wait(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_admin_rollback_trigger_abort_and_audit(fed):

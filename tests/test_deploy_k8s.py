@@ -260,7 +260,10 @@ def test_aggregator_manifests_match_its_config(base):
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
         "grpc": ports["grpc"],
         "metrics": ports["metrics"],
+        "admin": ports["grpc-admin"],
     }
+    # The Admin API has its own port, apart from the clinics'.
+    assert ports["grpc-admin"] == port_of(config["server"]["admin_listen"]) != ports["grpc"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert container["args"][-1] == f"{mounts['config']}/aggregator.toml"
     assert config["storage"]["state_dir"] == mounts["state"]
@@ -314,6 +317,8 @@ def test_shipped_aggregator_configs_load_with_the_real_loader(base, example, pki
         config = load_aggregator_config(path, env=env)
         assert config.server.listen == "0.0.0.0:7443"
         assert port_of(config.server.health_listen) == 7444
+        # Admin never shares the port the example's load balancer exposes.
+        assert port_of(config.server.admin_listen) == 7445
     assert (
         load_aggregator_config(tmp_path / "example-aggregator.toml", env=env).federation
         == "example-fed"
@@ -347,7 +352,7 @@ def test_example_overlay_customises_the_base(base, example):
     assert pod_spec(sts)["containers"][0]["image"] == "registry.example.org/dermafed:0.1.0"
     service = one(example, "Service", "dermafed-aggregator")
     assert service["spec"]["type"] == "LoadBalancer"
-    # Only the mTLS port is exposed to the outside; /metrics stays inside.
+    # Only the clinics' mTLS port is exposed to the outside; /metrics and admin stay inside.
     assert [p["port"] for p in service["spec"]["ports"]] == [7443]
     config = tomllib.loads(config_text(example, "aggregator.toml"))
     mounts = {m["name"]: m["mountPath"] for m in pod_spec(sts)["containers"][0]["volumeMounts"]}
