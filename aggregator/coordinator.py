@@ -157,6 +157,11 @@ class Coordinator:
         # this process last wrote it there.
         self._seen_at_start: dict[str, float] = {}
         self._seen_persisted: dict[str, float] = {}
+        # Held polls: the newest poll's ticket per clinic, the clinics holding one now, and
+        # when a clinic's exceeding a limit was last logged.
+        self._poll_tickets: dict[str, int] = {}
+        self._holding: set[str] = set()
+        self._limit_logged: dict[str, float] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -278,7 +283,12 @@ class Coordinator:
     def poll(
         self, clinic: str, last_round: int, wait_s: float, privacy: PrivacyReport | None = None
     ) -> PollResult:
-        """Long-poll: return a task for ``clinic`` as soon as there is one, or after wait_s."""
+        """Long-poll: return a task for ``clinic`` as soon as there is one, or after wait_s.
+
+        One held poll per clinic: a new poll from the same clinic releases the one it
+        already holds (which answers at once, without a task). An honest agent never has
+        two, and a buggy or hostile one cannot park many of the server's workers.
+        """
         give_up = time.monotonic() + max(0.0, wait_s)
         with self._cond:
             # Before _touch: an excluded or refused clinic does not count as connected.
@@ -288,16 +298,41 @@ class Coordinator:
             self._touch(clinic)
             if privacy is not None:
                 self._record_privacy_locked(clinic, privacy)
-            while True:
-                task = self._task_for_locked(clinic)
-                if task is not None or self._stop.is_set():
-                    break
-                remaining = give_up - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(min(remaining, 1.0))
-                self._touch(clinic)
+            ticket = self._poll_tickets.get(clinic, 0) + 1
+            if ticket > 1 and clinic in self._holding:
+                self._superseded_poll_locked(clinic)
+            self._poll_tickets[clinic] = ticket
+            self._cond.notify_all()  # wakes the clinic's earlier poll, if one is held
+            self._holding.add(clinic)
+            try:
+                while True:
+                    if self._poll_tickets.get(clinic) != ticket:
+                        task = None  # a newer poll from this clinic took over
+                        break
+                    task = self._task_for_locked(clinic)
+                    if task is not None or self._stop.is_set():
+                        break
+                    remaining = give_up - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(min(remaining, 1.0))
+                    self._touch(clinic)
+            finally:
+                if self._poll_tickets.get(clinic) == ticket:
+                    self._holding.discard(clinic)
             return PollResult(task, *self._published)
+
+    def _superseded_poll_locked(self, clinic: str) -> None:
+        self.metrics.limit_hits.labels(limit="held_polls").inc()
+        now = self._clock()
+        # One line a minute per clinic: the flood itself must not flood the log.
+        if now - self._limit_logged.get(clinic, -math.inf) >= 60.0:
+            self._limit_logged[clinic] = now
+            log.warning(
+                "clinic %s polls while its previous poll is still held; the older one is "
+                "released (one held poll per clinic)",
+                clinic,
+            )
 
     def acknowledge_privacy_reset(
         self, clinic: str, reason: str, actor: str

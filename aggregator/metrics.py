@@ -154,6 +154,14 @@ class AggregatorMetrics:
             "Unix time the service's own TLS certificate expires.",
             registry=registry,
         )
+        self.limit_hits = Counter(
+            "dermafed_clinic_limit_hits_total",
+            "Times a clinic exceeded a per-clinic limit (held_polls: a poll while its previous "
+            "one was still held; the older one is released). The log names the clinic.",
+            ["limit"],
+            registry=registry,
+        )
+        self.limit_hits.labels(limit="held_polls")
         self.gate_decisions = Counter(
             "dermafed_gate_decisions_total",
             "Validation-gate decisions on candidate checkpoints, by rule and verdict.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import grpc
@@ -270,13 +271,18 @@ def test_the_admin_api_on_its_own_listener_answers_while_clinics_hold_every_slot
         )
         == grpc.StatusCode.PERMISSION_DENIED
     )
-    # One clinic holds 20 long polls: the federation port is full ...
+    # One clinic opens 20 upload streams and sends nothing: the federation port is full ...
     stub = raw_clinics(fed, ("clinic-a",))["clinic-a"]
-    held = [
-        stub.Poll.future(federation_pb2.PollRequest(wait_ms=15_000), timeout=30) for _ in range(20)
-    ]
+    release = threading.Event()
+
+    def stalled():
+        release.wait(30)
+        return
+        yield  # a request stream that sends nothing until released
+
+    held = [stub.UploadUpdate.future(stalled(), timeout=30) for _ in range(20)]
     try:
-        assert coord_wait(lambda: any(f.done() for f in held), 10), "no poll was refused"
+        assert coord_wait(lambda: any(f.done() for f in held), 10), "no stream was refused"
         refused = [f.exception() for f in held if f.done()]
         assert refused and all(
             e is not None and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused
@@ -284,7 +290,40 @@ def test_the_admin_api_on_its_own_listener_answers_while_clinics_hold_every_slot
         # ... and the operator is answered all the same.
         status = on_admin_port.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
         assert status.federation == pki.federation
-        assert on_admin_port.ListClinics(admin_pb2.ListClinicsRequest(), timeout=5).clinics
+        assert on_admin_port.ListClinics(admin_pb2.ListClinicsRequest(), timeout=5) is not None
+    finally:
+        release.set()
+        for f in held:
+            f.cancel()
+
+
+def test_a_clinic_holds_one_poll_at_a_time_so_others_are_served(fed):
+    # 4 workers on the federation port: before, 12 held polls from one clinic parked them
+    # all and the other clinic waited for one to time out.
+    server = ServerSection(listen="127.0.0.1:0", max_workers=4, max_poll_wait_s=20.0)
+    service = fed.start_aggregator(
+        fed.aggregator_config(
+            server=server, rounds=RoundsSection(min_clinics=5, start_when_connected=5)
+        )
+    )
+    stubs = raw_clinics(fed, ("clinic-a", "clinic-b"))
+    held = []
+    for _ in range(12):
+        held.append(
+            stubs["clinic-a"].Poll.future(federation_pb2.PollRequest(wait_ms=20_000), timeout=40)
+        )
+        time.sleep(0.05)
+    try:
+        # Each new poll released the one before it: all but the newest answered, empty.
+        assert coord_wait(lambda: sum(f.done() for f in held) >= 11, 15)
+        assert not held[-1].done()
+        for f in held[:-1]:
+            assert f.exception() is None and not f.result().HasField("plan")
+        # The other clinic is answered (wait 0) while clinic-a still holds its newest poll.
+        assert stubs["clinic-b"].Poll(federation_pb2.PollRequest(wait_ms=0), timeout=5)
+        assert service.registry.get_sample_value(
+            "dermafed_clinic_limit_hits_total", {"limit": "held_polls"}
+        ) == pytest.approx(11, abs=1)
     finally:
         for f in held:
             f.cancel()
