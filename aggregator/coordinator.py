@@ -161,6 +161,8 @@ class Coordinator:
         # when a clinic's exceeding a limit was last logged.
         self._poll_tickets: dict[str, int] = {}
         self._holding: set[str] = set()
+        # Clinics with an upload in flight (at most one each).
+        self._uploading: set[str] = set()
         self._limit_logged: dict[str, float] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -418,9 +420,22 @@ class Coordinator:
             running.state.check_can_respond(
                 clinic, header.round, running.mode.upload_stage, self._clock()
             )
-        wait = max(0.0, running.state.deadline - self._clock())
-        if not self._upload_slots.acquire(timeout=min(wait, 60.0)):
-            raise BusyError("too many uploads in flight; retry shortly")
+            # One upload in flight per clinic: an honest agent sends one per round (a retry
+            # follows a broken stream), so a clinic that opens many and stalls them takes one
+            # of the shared slots, never all of them.
+            if clinic in self._uploading:
+                self.metrics.limit_hits.labels(limit="uploads_in_flight").inc()
+                log.warning("clinic %s opened a second upload while one is in flight", clinic)
+                raise BusyError(f"clinic {clinic} already has an upload in flight")
+            self._uploading.add(clinic)
+        try:
+            wait = max(0.0, running.state.deadline - self._clock())
+            if not self._upload_slots.acquire(timeout=min(wait, 60.0)):
+                raise BusyError("too many uploads in flight; retry shortly")
+        except BaseException:
+            with self._cond:
+                self._uploading.discard(clinic)
+            raise
         try:
             with self._cond:
                 running = self._require_round(header.round)
@@ -429,8 +444,18 @@ class Coordinator:
                 )
                 return running.mode.begin_upload(clinic, header)
         except BaseException:
-            self._upload_slots.release()
+            self._release_upload(clinic)
             raise
+
+    def uploads_in_flight(self) -> frozenset[str]:
+        """The clinics with an upload stream open now."""
+        with self._cond:
+            return frozenset(self._uploading)
+
+    def _release_upload(self, clinic: str) -> None:
+        with self._cond:
+            self._uploading.discard(clinic)
+        self._upload_slots.release()
 
     def abandon_upload(self, sink: UploadSink) -> None:
         """A broken or refused stream: drop its buffer, nothing reaches the round."""
@@ -438,7 +463,7 @@ class Coordinator:
             with self._cond:
                 sink.discard()
         finally:
-            self._upload_slots.release()
+            self._release_upload(sink.clinic)
 
     def complete_upload(self, clinic: str, header: UploadHeader, sink: UploadSink) -> None:
         try:
@@ -470,7 +495,7 @@ class Coordinator:
                 sink.discard()
             raise
         finally:
-            self._upload_slots.release()
+            self._release_upload(clinic)
         log.info(
             "round %d: update from %s accepted (%d bytes)",
             header.round,

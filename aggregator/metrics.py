@@ -157,11 +157,13 @@ class AggregatorMetrics:
         self.limit_hits = Counter(
             "dermafed_clinic_limit_hits_total",
             "Times a clinic exceeded a per-clinic limit (held_polls: a poll while its previous "
-            "one was still held; the older one is released). The log names the clinic.",
+            "one was still held, the older one is released; uploads_in_flight: a second upload "
+            "while one is in flight, refused). The log names the clinic.",
             ["limit"],
             registry=registry,
         )
-        self.limit_hits.labels(limit="held_polls")
+        for limit in ("held_polls", "uploads_in_flight"):
+            self.limit_hits.labels(limit=limit)
         self.gate_decisions = Counter(
             "dermafed_gate_decisions_total",
             "Validation-gate decisions on candidate checkpoints, by rule and verdict.",

@@ -329,6 +329,43 @@ def test_a_clinic_holds_one_poll_at_a_time_so_others_are_served(fed):
             f.cancel()
 
 
+def test_a_clinic_has_one_upload_in_flight_and_cannot_take_the_others_slots(fed):
+    service, stubs = _start(fed)
+    coord = service.coordinator
+    assert coord.wait_until(lambda: coord.running_round() == 1, 20)
+    payload = _bias_delta(coord, {MEL: 1.0})
+    header = header_for(coord, 1)
+    release = threading.Event()
+
+    def header_then_stall():
+        yield federation_pb2.UpdateChunk(header=header)
+        release.wait(30)
+        yield federation_pb2.UpdateChunk(data=payload)
+
+    first = stubs["clinic-a"].UploadUpdate.future(header_then_stall(), timeout=40)
+    assert coord_wait(lambda: "clinic-a" in coord.uploads_in_flight(), 10)
+    # A second stream from the same clinic is refused at once ...
+    with pytest.raises(grpc.RpcError) as err:
+        upload(stubs["clinic-a"], header, payload)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "already has an upload in flight" in (err.value.details() or "")
+    assert (
+        service.registry.get_sample_value(
+            "dermafed_clinic_limit_hits_total", {"limit": "uploads_in_flight"}
+        )
+        == 1
+    )
+    # ... while another clinic uploads normally, and the first stream still completes.
+    upload(stubs["clinic-b"], header, payload)
+    release.set()
+    assert first.result(timeout=30) is not None
+    assert coord.wait_until(
+        lambda: (rec := service.ledger.round(1)) is not None and rec.outcome == "published", 60
+    )
+    assert sorted(service.ledger.round(1).contributors) == ["clinic-a", "clinic-b"]
+    assert coord.uploads_in_flight() == frozenset()
+
+
 def coord_wait(predicate, timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
