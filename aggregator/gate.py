@@ -143,8 +143,8 @@ def decide(
 ) -> GateDecision:
     """Accept or reject ``candidate`` against ``published`` (both metric dicts).
 
-    The paired rules also need ``evidence``: both models' predictions on the held-out
-    cases the metrics were computed on.
+    The paired rules also need ``evidence``: both models' paired correctness counts on
+    the held-out cases the metrics were computed on.
     """
     if not settings.enabled:
         return GateDecision(True, "gate disabled", rule="off")
@@ -169,7 +169,7 @@ def decide(
             failures += _tolerance_rule(candidate, published, settings, checks)
         else:
             if evidence is None:
-                raise ValueError(f"the {settings.rule!r} rule needs both models' predictions")
+                raise ValueError(f"the {settings.rule!r} rule needs both models' paired predictions")
             failures += _paired_rule(evidence, settings, checks)
     if failures:
         return GateDecision(False, "; ".join(failures), checks, settings.rule)
