@@ -169,7 +169,7 @@ def decide(
             failures += _tolerance_rule(candidate, published, settings, checks)
         else:
             if evidence is None:
-                raise ValueError(f"the {settings.rule!r} rule needs both models' paired predictions")
+                raise ValueError(f"the {settings.rule!r} rule needs paired evidence")
             failures += _paired_rule(evidence, settings, checks)
     if failures:
         return GateDecision(False, "; ".join(failures), checks, settings.rule)

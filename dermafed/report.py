@@ -740,9 +740,11 @@ that type the model finds: for the high-risk types (melanoma <code>mel</code>, b
 carcinoma <code>bcc</code>, actinic keratosis / intraepithelial carcinoma
 <code>akiec</code>) a low sensitivity means missed cancers. <strong>Macro AUROC</strong>
 (0.5 = guessing, 1 = perfect) measures how well the model ranks each type above the
-others. A <strong>rejected</strong> round means the new candidate model found fewer
-high-risk lesions than the model in use, so the validation gate discarded it and the
-previous model stayed published. An <strong>aborted</strong> round stopped before
+others. A <strong>rejected</strong> round means the held-out images showed, beyond what
+chance explains, that the new candidate found fewer high-risk lesions than the model in
+use (or the combined update was one no honest group of clinics could send), so the
+validation gate discarded it and the previous model stayed published; the reason column
+gives the numbers behind every decision. An <strong>aborted</strong> round stopped before
 producing a model (for example, too few clinics answered); nothing changed. An
 <strong>admin rollback</strong> is an operator putting an earlier published model back
 in use. <strong>ε</strong> (epsilon) is the differential-privacy budget a clinic has
@@ -771,6 +773,16 @@ def _metrics_section(report: Report, plots: set[str]) -> str:
     return "\n".join(parts)
 
 
+def _reason(r: RoundRecord) -> str:
+    """The round's reason; for a published round, why the gate let it through."""
+    if r.reason:
+        return r.reason
+    gate = (r.metrics or {}).get("gate")
+    if isinstance(gate, dict) and gate.get("reason"):
+        return f"gate ({gate.get('rule') or 'tolerance'}): {gate['reason']}"
+    return ""
+
+
 def _round_rows(report: Report) -> str:
     rows = []
     for r in reversed(report.rounds):
@@ -782,7 +794,7 @@ def _round_rows(report: Report) -> str:
             f'<tr id="round-{r.number}" class="round-{_e(outcome)}">'
             f'<td class="num">{r.number}</td>'
             f'<td><span class="outcome outcome-{_e(outcome)}">{_e(outcome)}</span></td>'
-            f"<td>{_e(r.reason or '')}</td>"
+            f"<td>{_e(_reason(r))}</td>"
             f'<td title="contributed: {_e(contributors)}; cohort: {_e(cohort)}">'
             f"{len(r.contributors)}/{len(r.cohort)}</td>"
             f'<td class="num">{_num(r.train_loss, 4)}</td>'

@@ -137,7 +137,7 @@ def test_noninferiority_needs_enough_cases_to_prove_a_candidate_no_worse():
 def test_paired_rules_need_predictions_and_keep_the_initial_model_exception():
     labels = holdout(10)
     cand, pub, ev = paired(labels, flip(labels, labels, MEL, 10), labels)
-    with pytest.raises(ValueError, match="predictions"):
+    with pytest.raises(ValueError, match="paired evidence"):
         decide(cand, pub, HARM)
     # Against the initial model only the floor applies, whatever the paired evidence says.
     assert decide(cand, pub, HARM, evidence=ev, published_is_initial=True).accept

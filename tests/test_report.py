@@ -60,6 +60,7 @@ def _metrics(seed: int, hit_rate: float) -> dict[str, Any]:
 ROUND1 = _metrics(1, 0.70)
 ROUND2_REJECTED = _metrics(2, 0.40)
 ROUND4 = _metrics(4, 0.80)
+GATE_OK = "no evidence of a drop beyond 0.000 (each test at 0.0125)"
 
 
 def _privacy(spent: float, remaining: float | None) -> str:
@@ -132,12 +133,12 @@ def _build_ledger(path: Path) -> dict[str, str]:
         led.finish_round(
             4,
             "published",
-            "gate passed",
+            "",  # as the coordinator records it: the gate's own reason is in the metrics
             450.0,
             checkpoint=ids["c4"],
             contributors=list(CLINICS),
             train_loss=0.9,
-            metrics=ROUND4,
+            metrics={**ROUND4, "gate": {"verdict": "accept", "rule": "harm", "reason": GATE_OK}},
             publish=True,
         )
         led.publish(ids["c1"], 1, 500.0, "rollback", "operator: round 4 misses <bcc>")
@@ -257,7 +258,8 @@ def test_rounds_table_has_every_round_with_its_outcome(report_dir: Path) -> None
         "n/a",
         "40.0",
     ]
-    assert rows["round-4"][1:4] == ["published", "gate passed", "3/3"]
+    # A published round's reason column says why the gate let it through.
+    assert rows["round-4"][1:4] == ["published", f"gate (harm): {GATE_OK}", "3/3"]
     assert page.row_classes["round-2"] == "round-rejected"
 
 
