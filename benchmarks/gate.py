@@ -3,7 +3,7 @@
 ones, side by side, on the same candidates.
 
     python benchmarks/gate.py --features-file /tmp/feat128.npz   # full run (README)
-    python benchmarks/gate.py --quick                             # smoke run, ~2 min
+    python benchmarks/gate.py --quick                             # smoke run, a few minutes
 
 One process, the project's real code paths:
 
