@@ -33,6 +33,9 @@ class ServerSection:
     max_poll_wait_s: float = 30.0
     # Uploads receiving at once; each holds one model-sized buffer until it is committed.
     max_concurrent_uploads: int = 8
+    # An upload stream that sends nothing for this long is cancelled and its slot freed
+    # (any chunk counts as progress). 0: never.
+    upload_stall_s: float = 120.0
     # Serve gRPC server reflection on the mTLS port (for grpcurl while debugging; callers
     # still need a federation certificate). Off by default.
     reflection: bool = False
@@ -54,6 +57,7 @@ class ServerSection:
         require(
             self.max_concurrent_uploads >= 1, "server.max_concurrent_uploads", "must be at least 1"
         )
+        require(self.upload_stall_s >= 0, "server.upload_stall_s", "must be >= 0 (0 = never)")
 
 
 @dataclass(frozen=True)

@@ -158,11 +158,12 @@ class AggregatorMetrics:
             "dermafed_clinic_limit_hits_total",
             "Times a clinic exceeded a per-clinic limit (held_polls: a poll while its previous "
             "one was still held, the older one is released; uploads_in_flight: a second upload "
-            "while one is in flight, refused). The log names the clinic.",
+            "while one is in flight, refused; stalled_upload: an upload stream that sent "
+            "nothing for server.upload_stall_s, cancelled). The log names the clinic.",
             ["limit"],
             registry=registry,
         )
-        for limit in ("held_polls", "uploads_in_flight"):
+        for limit in ("held_polls", "uploads_in_flight", "stalled_upload"):
             self.limit_hits.labels(limit=limit)
         self.gate_decisions = Counter(
             "dermafed_gate_decisions_total",

@@ -164,6 +164,7 @@ def _build_service(
             metrics,
             max_poll_wait_s=config.server.max_poll_wait_s,
             max_update_bytes=config.server.max_update_bytes,
+            upload_stall_s=config.server.upload_stall_s,
         ),
         server,
     )

@@ -17,6 +17,7 @@ from aggregator.coordinator import Coordinator
 from aggregator.domain import PrivacyReport, RoundPlan, RoundView
 from aggregator.metrics import AggregatorMetrics
 from aggregator.round_modes import SecAggStageData, UploadHeader
+from aggregator.stall_watch import StallWatch
 from common.errors import (
     REFUSAL_KEY,
     BusyError,
@@ -213,10 +214,15 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
         *,
         max_poll_wait_s: float,
         max_update_bytes: int,
+        upload_stall_s: float = 0.0,
     ) -> None:
         super().__init__(coordinator, auth, metrics)
         self.max_poll_wait_s = max_poll_wait_s
         self.max_update_bytes = max_update_bytes
+        self.stalls = StallWatch(
+            upload_stall_s,
+            lambda clinic, idle: metrics.limit_hits.labels(limit="stalled_upload").inc(),
+        )
 
     def Poll(
         self, request: federation_pb2.PollRequest, context: grpc.ServicerContext
@@ -295,6 +301,19 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
         self, request_iterator: Iterator[federation_pb2.UpdateChunk], context: grpc.ServicerContext
     ) -> federation_pb2.UploadReceipt:
         who = self._identity(context, "UploadUpdate", "clinic")
+        watch = self.stalls.watch(context, who.name)
+        try:
+            return self._upload(who.name, request_iterator, context, watch)
+        finally:
+            self.stalls.done(watch)
+
+    def _upload(
+        self,
+        clinic: str,
+        request_iterator: Iterator[federation_pb2.UpdateChunk],
+        context: grpc.ServicerContext,
+        watch: int,
+    ) -> federation_pb2.UploadReceipt:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             self._abort(
@@ -312,14 +331,16 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
                 f"declared update of {header.total_bytes} bytes exceeds the limit of "
                 f"{self.max_update_bytes}",
             )
+        self.stalls.progress(watch)
         sink = self._call(
-            context, "UploadUpdate", lambda: self.coordinator.begin_upload(who.name, header)
+            context, "UploadUpdate", lambda: self.coordinator.begin_upload(clinic, header)
         )
         try:
             for msg in request_iterator:
                 if msg.WhichOneof("part") != "data":
                     raise InvalidUpdateError("only payload chunks may follow the header")
                 sink.write(msg.data)
+                self.stalls.progress(watch)
         except DermafedError as exc:
             self.coordinator.abandon_upload(sink)
             self._abort(context, "UploadUpdate", status_for(exc), str(exc))
@@ -330,7 +351,7 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
         self._call(
             context,
             "UploadUpdate",
-            lambda: self.coordinator.complete_upload(who.name, header, sink),
+            lambda: self.coordinator.complete_upload(clinic, header, sink),
         )
         return federation_pb2.UploadReceipt(round=header.round, bytes_received=sink.received_bytes)
 

@@ -51,9 +51,10 @@ def _bias_delta(coord, shifts: dict[int, float]) -> bytes:
     return encode_f32le(np.concatenate(parts))
 
 
-def _start(fed: Federation, **rounds):
+def _start(fed: Federation, server: ServerSection | None = None, **rounds):
     # Plain rounds: these tests craft float32 deltas by hand.
     cfg = fed.aggregator_config(
+        server=server or ServerSection(listen="127.0.0.1:0", max_poll_wait_s=2.0),
         rounds=RoundsSection(
             aggregation="plain",
             min_clinics=2,
@@ -364,6 +365,45 @@ def test_a_clinic_has_one_upload_in_flight_and_cannot_take_the_others_slots(fed)
     )
     assert sorted(service.ledger.round(1).contributors) == ["clinic-a", "clinic-b"]
     assert coord.uploads_in_flight() == frozenset()
+
+
+def test_a_stalled_upload_is_cancelled_and_its_slot_freed(fed):
+    server = ServerSection(listen="127.0.0.1:0", max_poll_wait_s=2.0, upload_stall_s=1.0)
+    service, stubs = _start(fed, server=server)
+    coord = service.coordinator
+    assert coord.wait_until(lambda: coord.running_round() == 1, 20)
+    payload = _bias_delta(coord, {MEL: 1.0})
+    header = header_for(coord, 1)
+    release = threading.Event()
+
+    def header_then_stall():
+        yield federation_pb2.UpdateChunk(header=header)
+        release.wait(30)
+        return
+        yield
+
+    stalled = stubs["clinic-a"].UploadUpdate.future(header_then_stall(), timeout=40)
+    try:
+        # Nothing after the header for upload_stall_s: the stream is cancelled ...
+        assert coord_wait(stalled.done, 15), "the stalled upload was not cancelled"
+        assert stalled.exception() is not None
+        assert stalled.exception().code() == grpc.StatusCode.CANCELLED
+        assert coord_wait(lambda: coord.uploads_in_flight() == frozenset(), 5)
+        assert (
+            service.registry.get_sample_value(
+                "dermafed_clinic_limit_hits_total", {"limit": "stalled_upload"}
+            )
+            == 1
+        )
+        # ... its slot is free, and the same clinic's next upload goes through.
+        upload(stubs["clinic-a"], header, payload)
+        upload(stubs["clinic-b"], header, payload)
+        assert coord.wait_until(
+            lambda: (rec := service.ledger.round(1)) is not None and rec.outcome == "published",
+            60,
+        )
+    finally:
+        release.set()
 
 
 def coord_wait(predicate, timeout: float) -> bool:
