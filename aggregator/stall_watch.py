@@ -92,7 +92,13 @@ class StallWatch:
         return [w.clinic for _, w in stalled]
 
     def _run(self) -> None:
+        """Check while anything is watched; the thread ends when nothing is (and a later
+        :meth:`watch` starts a new one), so an idle aggregator keeps no thread for this."""
         period = max(0.05, min(1.0, self.stall_s / 4))
         while True:
             time.sleep(period)
             self.evict_stalled()
+            with self._lock:
+                if not self._watched:
+                    self._thread = None
+                    return
