@@ -36,6 +36,9 @@ class ServerSection:
     # An upload stream that sends nothing for this long is cancelled and its slot freed
     # (any chunk counts as progress). 0: never.
     upload_stall_s: float = 120.0
+    # Every upload chunk but the last must carry at least this many bytes (agents send
+    # 1 MiB): a stream of tiny messages costs the server per message, not per byte. 0: off.
+    min_chunk_bytes: int = 65536
     # Serve gRPC server reflection on the mTLS port (for grpcurl while debugging; callers
     # still need a federation certificate). Off by default.
     reflection: bool = False
@@ -58,6 +61,7 @@ class ServerSection:
             self.max_concurrent_uploads >= 1, "server.max_concurrent_uploads", "must be at least 1"
         )
         require(self.upload_stall_s >= 0, "server.upload_stall_s", "must be >= 0 (0 = never)")
+        require(self.min_chunk_bytes >= 0, "server.min_chunk_bytes", "must be >= 0 (0 = off)")
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,7 @@ def _build_service(
             max_poll_wait_s=config.server.max_poll_wait_s,
             max_update_bytes=config.server.max_update_bytes,
             upload_stall_s=config.server.upload_stall_s,
+            min_chunk_bytes=config.server.min_chunk_bytes,
         ),
         server,
     )

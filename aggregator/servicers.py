@@ -215,10 +215,12 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
         max_poll_wait_s: float,
         max_update_bytes: int,
         upload_stall_s: float = 0.0,
+        min_chunk_bytes: int = 0,
     ) -> None:
         super().__init__(coordinator, auth, metrics)
         self.max_poll_wait_s = max_poll_wait_s
         self.max_update_bytes = max_update_bytes
+        self.min_chunk_bytes = min_chunk_bytes
         self.stalls = StallWatch(
             upload_stall_s,
             lambda clinic, idle: metrics.limit_hits.labels(limit="stalled_upload").inc(),
@@ -339,6 +341,12 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
             for msg in request_iterator:
                 if msg.WhichOneof("part") != "data":
                     raise InvalidUpdateError("only payload chunks may follow the header")
+                size = len(msg.data)
+                if size < self.min_chunk_bytes and sink.received_bytes + size < sink.expected_bytes:
+                    raise InvalidUpdateError(
+                        f"a {size}-byte chunk: every chunk but the last must carry at least "
+                        f"{self.min_chunk_bytes} bytes"
+                    )
                 sink.write(msg.data)
                 self.stalls.progress(watch)
         except DermafedError as exc:

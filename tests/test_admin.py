@@ -406,6 +406,25 @@ def test_a_stalled_upload_is_cancelled_and_its_slot_freed(fed):
         release.set()
 
 
+def test_an_upload_in_tiny_chunks_is_refused_and_changes_nothing(fed):
+    service, stubs = _start(fed)
+    coord = service.coordinator
+    assert coord.wait_until(lambda: coord.running_round() == 1, 20)
+    payload = _bias_delta(coord, {MEL: 1.0})
+    header = header_for(coord, 1)
+    with pytest.raises(grpc.RpcError) as err:
+        upload(stubs["clinic-a"], header, payload, chunk=7)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "every chunk but the last must carry at least 65536 bytes" in (err.value.details() or "")
+    assert coord.uploads_in_flight() == frozenset()
+    # Nothing of it reached the round: the same clinic's proper upload is its first.
+    upload(stubs["clinic-a"], header, payload)
+    upload(stubs["clinic-b"], header, payload)
+    assert coord.wait_until(
+        lambda: (rec := service.ledger.round(1)) is not None and rec.outcome == "published", 60
+    )
+
+
 def coord_wait(predicate, timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
