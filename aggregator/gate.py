@@ -39,14 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.gate_stats import (
-    BalancedAccuracyChange,
-    PairedCounts,
-    lower_bound,
-    p_value_above,
-    p_value_below,
-    upper_bound,
-)
+from aggregator.gate_stats import BalancedAccuracyChange, Change, PairedCounts
 
 RULES = ("harm", "noninferiority", "tolerance")
 
@@ -229,77 +222,57 @@ def _paired_rule(
     tables = evidence.tables
     tested = [c for c in settings.high_risk if c in tables and tables[c].n > 0]
     alpha = settings.alpha / (len(tested) + 1)  # + the balanced accuracy
-    floor = -settings.margin
     failures = []
     for cls in tested:
         t = tables[cls]
-        low, high = lower_bound(t, alpha), upper_bound(t, alpha)
-        if settings.rule == "harm":
-            p = p_value_below(t, floor)
-            failed = p < alpha
-        else:
-            p = p_value_above(t, floor)
-            failed = not p < alpha
         checks[cls] = {
             "candidate": t.candidate_sensitivity,
             "published": t.published_sensitivity,
             "n": t.n,
             "candidate_only": t.candidate_only,
             "published_only": t.published_only,
-            "difference": t.difference,
-            "lower": low,
-            "upper": high,
-            "p_value": p,
-            "alpha": alpha,
-            "margin": settings.margin,
-            "failed": failed,
+            **_test(t, alpha, settings),
         }
-        if failed:
-            failures.append(
-                _failure(cls + " sensitivity", t.difference, low, high, p, alpha, settings)
-            )
+        if checks[cls]["failed"]:
+            failures.append(_failure(cls + " sensitivity", checks[cls], settings))
     ba = BalancedAccuracyChange.of(list(tables.values()))
-    low, high = ba.lower_bound(alpha), ba.upper_bound(alpha)
-    if settings.rule == "harm":
-        p = ba.p_value_below(floor)
-        failed = p < alpha
-    else:
-        p = ba.p_value_above(floor)
-        failed = not p < alpha
-    checks.setdefault("balanced_accuracy", {}).update(
-        {
-            "difference": ba.difference,
-            "standard_error": ba.standard_error,
-            "lower": low,
-            "upper": high,
-            "p_value": p,
-            "alpha": alpha,
-            "margin": settings.margin,
-            "failed": failed,
-        }
-    )
-    if failed:
-        failures.append(_failure("balanced accuracy", ba.difference, low, high, p, alpha, settings))
+    result = checks.setdefault("balanced_accuracy", {})
+    result.update({"standard_error": ba.standard_error, **_test(ba, alpha, settings)})
+    if result["failed"]:
+        failures.append(_failure("balanced accuracy", result, settings))
     return failures
 
 
-def _failure(
-    what: str,
-    diff: float,
-    low: float,
-    high: float,
-    p: float,
-    alpha: float,
-    settings: GateSettings,
-) -> str:
+def _test(change: Change, alpha: float, settings: GateSettings) -> dict[str, Any]:
+    """One test of the rule: does ``change`` show harm (or fail to show non-inferiority)?"""
+    floor = -settings.margin
+    if settings.rule == "harm":
+        p = change.p_value_below(floor)
+        failed = p < alpha
+    else:
+        p = change.p_value_above(floor)
+        failed = not p < alpha
+    return {
+        "difference": change.difference,
+        "lower": change.lower_bound(alpha),
+        "upper": change.upper_bound(alpha),
+        "p_value": p,
+        "alpha": alpha,
+        "margin": settings.margin,
+        "failed": failed,
+    }
+
+
+def _failure(what: str, test: Mapping[str, Any], settings: GateSettings) -> str:
+    alpha, p = test["alpha"], test["p_value"]
     level = f"{100 * (1 - alpha):.1f}%"
     floor = 0.0 - settings.margin  # not -margin: that prints "-0.000" for a zero margin
     if settings.rule == "harm":
         return (
-            f"{what} fell by {-diff:.3f} ({level} upper bound of the change {high:+.3f} "
-            f"< {floor:+.3f}; p = {p:.2g} < {alpha:.3g})"
+            f"{what} fell by {-test['difference']:.3f} ({level} upper bound of the change "
+            f"{test['upper']:+.3f} < {floor:+.3f}; p = {p:.2g} < {alpha:.3g})"
         )
     return (
-        f"{what} not shown non-inferior: change {diff:+.3f}, {level} lower bound "
-        f"{low:+.3f} <= {floor:+.3f} (p = {p:.2g}, needs < {alpha:.3g})"
+        f"{what} not shown non-inferior: change {test['difference']:+.3f}, {level} lower "
+        f"bound {test['lower']:+.3f} <= {floor:+.3f} (p = {p:.2g}, needs < {alpha:.3g})"
     )

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from scipy.stats import norm
@@ -90,6 +91,34 @@ class PairedCounts:
         """Unrestricted estimate of Var(Δ̂) (for the balanced-accuracy Wald test)."""
         discordant = (self.candidate_only + self.published_only) / self.n
         return max(0.0, discordant - self.difference**2) / self.n
+
+    # The :class:`Change` interface, by Tango's score test (the functions below).
+    def p_value_above(self, delta0: float) -> float:
+        return p_value_above(self, delta0)
+
+    def p_value_below(self, delta0: float) -> float:
+        return p_value_below(self, delta0)
+
+    def lower_bound(self, alpha: float) -> float:
+        return lower_bound(self, alpha)
+
+    def upper_bound(self, alpha: float) -> float:
+        return upper_bound(self, alpha)
+
+
+class Change(Protocol):
+    """An estimated change with one-sided tests and bounds: what the gate's rules use."""
+
+    @property
+    def difference(self) -> float: ...
+
+    def p_value_above(self, delta0: float) -> float: ...
+
+    def p_value_below(self, delta0: float) -> float: ...
+
+    def lower_bound(self, alpha: float) -> float: ...
+
+    def upper_bound(self, alpha: float) -> float: ...
 
 
 def restricted_mle(counts: PairedCounts, delta0: float) -> float:
