@@ -138,9 +138,11 @@ def _rounds(c: AdminClient, a: argparse.Namespace) -> Message:
 def _gate(c: AdminClient, a: argparse.Namespace) -> Message:
     if a.round < 1:
         raise UsageError(f"the round must be >= 1, got {a.round}")
-    for summary in c.rounds(limit=1_000_000).rounds:
-        if summary.round == a.round:
-            return summary
+    # The newest round before round + 1: that round itself, however old (listing the
+    # rounds and searching would miss any beyond the server's 1,000-row page).
+    found = c.rounds(limit=1, before=a.round + 1).rounds
+    if found and found[0].round == a.round:
+        return found[0]
     raise UsageError(f"no round {a.round} in the ledger (see 'rounds')")
 
 
