@@ -163,7 +163,7 @@ class Coordinator:
         self._holding: set[str] = set()
         # Clinics with an upload in flight (at most one each).
         self._uploading: set[str] = set()
-        self._limit_logged: dict[str, float] = {}
+        self._limit_logged: dict[tuple[str, str], float] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -302,7 +302,12 @@ class Coordinator:
                 self._record_privacy_locked(clinic, privacy)
             ticket = self._poll_tickets.get(clinic, 0) + 1
             if ticket > 1 and clinic in self._holding:
-                self._superseded_poll_locked(clinic)
+                self._limit_hit_locked(
+                    clinic,
+                    "held_polls",
+                    "polls while its previous poll is still held; the older one is released "
+                    "(one held poll per clinic)",
+                )
             self._poll_tickets[clinic] = ticket
             self._cond.notify_all()  # wakes the clinic's earlier poll, if one is held
             self._holding.add(clinic)
@@ -324,17 +329,14 @@ class Coordinator:
                     self._holding.discard(clinic)
             return PollResult(task, *self._published)
 
-    def _superseded_poll_locked(self, clinic: str) -> None:
-        self.metrics.limit_hits.labels(limit="held_polls").inc()
+    def _limit_hit_locked(self, clinic: str, limit: str, what: str) -> None:
+        """Count a per-clinic limit being hit, and say so at most once a minute per clinic
+        and limit: the flood itself must not flood the log."""
+        self.metrics.limit_hits.labels(limit=limit).inc()
         now = self._clock()
-        # One line a minute per clinic: the flood itself must not flood the log.
-        if now - self._limit_logged.get(clinic, -math.inf) >= 60.0:
-            self._limit_logged[clinic] = now
-            log.warning(
-                "clinic %s polls while its previous poll is still held; the older one is "
-                "released (one held poll per clinic)",
-                clinic,
-            )
+        if now - self._limit_logged.get((clinic, limit), -math.inf) >= 60.0:
+            self._limit_logged[(clinic, limit)] = now
+            log.warning("clinic %s %s", clinic, what)
 
     def acknowledge_privacy_reset(
         self, clinic: str, reason: str, actor: str
@@ -424,8 +426,11 @@ class Coordinator:
             # follows a broken stream), so a clinic that opens many and stalls them takes one
             # of the shared slots, never all of them.
             if clinic in self._uploading:
-                self.metrics.limit_hits.labels(limit="uploads_in_flight").inc()
-                log.warning("clinic %s opened a second upload while one is in flight", clinic)
+                self._limit_hit_locked(
+                    clinic,
+                    "uploads_in_flight",
+                    "opened a second upload while one is in flight (one per clinic); refused",
+                )
                 raise BusyError(f"clinic {clinic} already has an upload in flight")
             self._uploading.add(clinic)
         try:
