@@ -128,17 +128,13 @@ GOAL_HONEST_REJECT = 0.05
 
 
 @dataclass
-class Holdout:
-    images: np.ndarray
-    labels: np.ndarray
-
-
-@dataclass
 class Published:
     state: dict[str, torch.Tensor]
     metrics: dict[str, Any]
     predicted: np.ndarray
     initial: bool
+    # Its predictions on the test split, computed once for all the candidates judged on it.
+    test_predicted: np.ndarray | None = None
 
 
 @dataclass
@@ -185,7 +181,7 @@ class Judge:
     """Scores candidates on the aggregator's held-out set and applies each pipeline."""
 
     def __init__(
-        self, recipe: Recipe, holdout: Holdout, test: Holdout, features: FeatureCache
+        self, recipe: Recipe, holdout: ClinicData, test: ClinicData, features: FeatureCache
     ) -> None:
         self.model_cfg = recipe.model_config()
         self.holdout = holdout
@@ -203,10 +199,16 @@ class Judge:
             probs = predict_proba(self.model_cfg, state, self.test.images, features=self.features)
             return np.nan_to_num(probs, nan=0.0).argmax(axis=1)
 
-        cand, pub = predict(candidate), predict(published.state)
+        if published.test_predicted is None:
+            published.test_predicted = predict(published.state)
+        cand = predict(candidate)
         metrics = compute_metrics(self.test.labels, np.eye(len(CLASSES))[cand]).to_dict()
-        evidence = PairedEvidence.from_predictions(self.test.labels, cand, pub, CLASSES)
-        harm = replace(settings, rule="harm", min_balanced_accuracy=0.0)
+        evidence = PairedEvidence.from_predictions(
+            self.test.labels, cand, published.test_predicted, CLASSES
+        )
+        # Always the paired test: a candidate that collapsed to chance level is worse, not
+        # exempt (the gate's chance-level exception is about the published model).
+        harm = replace(settings, rule="harm", min_balanced_accuracy=0.0, chance_margin=-1.0)
         return not decide(metrics, metrics, harm, evidence=evidence).accept
 
     def score(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], np.ndarray]:
@@ -637,8 +639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"features: {features.computed} computed in {time.perf_counter() - t0:.1f}s")
     judge = Judge(
         recipe,
-        Holdout(holdout_set.images, holdout_set.labels),
-        Holdout(test.images, test.labels),
+        holdout_set,
+        test,
         features,
     )
     secure = SecureAggregation(
