@@ -337,13 +337,9 @@ def test_a_clinic_has_one_upload_in_flight_and_cannot_take_the_others_slots(fed)
     payload = _bias_delta(coord, {MEL: 1.0})
     header = header_for(coord, 1)
     release = threading.Event()
-
-    def header_then_stall():
-        yield federation_pb2.UpdateChunk(header=header)
-        release.wait(30)
-        yield federation_pb2.UpdateChunk(data=payload)
-
-    first = stubs["clinic-a"].UploadUpdate.future(header_then_stall(), timeout=40)
+    first = stubs["clinic-a"].UploadUpdate.future(
+        _header_then_stall(header, release, then=payload), timeout=40
+    )
     assert coord_wait(lambda: "clinic-a" in coord.uploads_in_flight(), 10)
     # A second stream from the same clinic is refused at once ...
     with pytest.raises(grpc.RpcError) as err:
@@ -375,14 +371,7 @@ def test_a_stalled_upload_is_cancelled_and_its_slot_freed(fed):
     payload = _bias_delta(coord, {MEL: 1.0})
     header = header_for(coord, 1)
     release = threading.Event()
-
-    def header_then_stall():
-        yield federation_pb2.UpdateChunk(header=header)
-        release.wait(30)
-        return
-        yield
-
-    stalled = stubs["clinic-a"].UploadUpdate.future(header_then_stall(), timeout=40)
+    stalled = stubs["clinic-a"].UploadUpdate.future(_header_then_stall(header, release), timeout=40)
     try:
         # Nothing after the header for upload_stall_s: the stream is cancelled ...
         assert coord_wait(stalled.done, 15), "the stalled upload was not cancelled"
@@ -423,6 +412,15 @@ def test_an_upload_in_tiny_chunks_is_refused_and_changes_nothing(fed):
     assert coord.wait_until(
         lambda: (rec := service.ledger.round(1)) is not None and rec.outcome == "published", 60
     )
+
+
+def _header_then_stall(header, release: threading.Event, then: bytes | None = None):
+    """An upload stream that sends its header, then nothing until ``release`` (then the
+    payload ``then``, if given, or the end of the stream)."""
+    yield federation_pb2.UpdateChunk(header=header)
+    release.wait(30)
+    if then is not None:
+        yield federation_pb2.UpdateChunk(data=then)
 
 
 def coord_wait(predicate, timeout: float) -> bool:
