@@ -138,6 +138,9 @@ class RoundsSection:
     # Deadline of each secure-aggregation stage other than the masked input (which
     # includes local training and uses train_deadline_s).
     secagg_stage_deadline_s: float = 60.0
+    # First stage of a round's secure evaluation: clinics download the candidate and score
+    # it and the published model on their evaluation slices (validation.federated_evaluation).
+    evaluation_deadline_s: float = 300.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -161,6 +164,7 @@ class RoundsSection:
         require(
             self.secagg_stage_deadline_s > 0, "rounds.secagg_stage_deadline_s", "must be positive"
         )
+        require(self.evaluation_deadline_s > 0, "rounds.evaluation_deadline_s", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,12 @@ class ValidationSection:
     # count) an honest clinic sends, and the relative slack on the norm bound.
     min_clinic_weight: float = 1.0
     sum_norm_slack: float = 1e-3
+    # Secure federated evaluation (secure rounds, paired rules): the contributors score the
+    # candidate and the published model on their own evaluation slices and the gate pools
+    # the securely summed counts with the held-out set's. `evaluation_max_cases` bounds
+    # one clinic's slice (a larger slice is subsampled), and so the count sum.
+    federated_evaluation: bool = True
+    evaluation_max_cases: int = 500
 
     def validate(self) -> None:
         if self.holdout is not None and str(self.holdout):
@@ -264,6 +274,11 @@ class ValidationSection:
         require(0.0 < self.alpha < 0.5, "validation.alpha", "must be in (0, 0.5)")
         require(self.min_clinic_weight > 0, "validation.min_clinic_weight", "must be positive")
         require(self.sum_norm_slack >= 0, "validation.sum_norm_slack", "must be >= 0")
+        require(
+            1 <= self.evaluation_max_cases <= 1_000_000,
+            "validation.evaluation_max_cases",
+            "must be in [1, 1000000]",
+        )
 
     def gate_settings(self) -> GateSettings:
         return GateSettings(

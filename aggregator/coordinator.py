@@ -29,6 +29,7 @@ from aggregator.domain import (
     CheckpointView,
     ClinicInfo,
     ClinicView,
+    PendingDecision,
     PollResult,
     PrivacyReport,
     RoundPlan,
@@ -39,7 +40,14 @@ from aggregator.domain import (
     view_of_record,
 )
 from aggregator.fedavg import MAX_WEIGHT
-from aggregator.gate import PairedEvidence, decide
+from aggregator.federated_evaluation import (
+    evaluation_threshold,
+    evidence_of,
+    start_evaluation,
+    summary,
+    summed_counts,
+)
+from aggregator.gate import GateDecision, PairedEvidence, compares, decide
 from aggregator.ledger import Ledger
 from aggregator.membership import Membership
 from aggregator.metrics import AggregatorMetrics
@@ -66,6 +74,7 @@ from common.errors import (
     PreconditionError,
     StaleRoundError,
 )
+from common.federated_eval import CountCheckError, EvaluationCounts, evaluated_round
 from common.model import ModelConfig, build_model, initial_state
 from common.secagg.messages import (
     KeyAdvertisement,
@@ -104,6 +113,7 @@ KNOWN_DECLINE_REASONS = frozenset(
         "accounting_failed",
         "privacy_ledger_error",
         "no_data",
+        "no_evaluation_slice",
     }
 )
 
@@ -397,11 +407,12 @@ class Coordinator:
         running = self._running
         if running is None or running.finalizing:
             return None
-        st = running.state
+        target = running.evaluation or running
+        st = target.state
         if not st.is_pending(clinic):
             return None
-        plan = replace(running.plan, stage_deadline=st.deadline)
-        return RoundTask(plan, st.stage, running.mode.stage_data(st.stage, clinic))
+        plan = replace(target.plan, stage_deadline=st.deadline)
+        return RoundTask(plan, st.stage, target.mode.stage_data(st.stage, clinic))
 
     def checkpoint_chunks(self, clinic: str, cid: str) -> Iterator[bytes]:
         """Stream a checkpoint the federation has recorded (never an arbitrary file)."""
@@ -486,11 +497,14 @@ class Coordinator:
                 running.state.respond(clinic, header.round, stage, self._clock())
                 if math.isfinite(header.train_seconds) and header.train_seconds >= 0:
                     running.train_seconds[clinic] = header.train_seconds
-                self.metrics.received_bytes.labels(kind="update").inc(sink.received_bytes)
+                evaluated = evaluated_round(header.round)
+                self.metrics.received_bytes.labels(
+                    kind="update" if evaluated is None else "evaluation"
+                ).inc(sink.received_bytes)
                 self.ledger.record_clinic_event(
-                    header.round,
+                    header.round if evaluated is None else evaluated,
                     clinic,
-                    "contributed",
+                    "contributed" if evaluated is None else "evaluated",
                     f"{sink.received_bytes} bytes",
                     self._clock(),
                 )
@@ -509,12 +523,18 @@ class Coordinator:
         )
 
     def _require_round(self, number: int) -> RunningRound:
+        """The running round, or its evaluation session when ``number`` names that."""
         running = self._running
         if running is None:
             raise PreconditionError("no round is running")
-        if running.state.number != number:
-            raise StaleRoundError(f"round {number} is not the running round {running.state.number}")
-        return running
+        if running.state.number == number:
+            return running
+        evaluation = running.evaluation
+        if evaluation is not None and evaluation.state.number == number:
+            return evaluation
+        if evaluated_round(number) == running.state.number:
+            raise StaleRoundError(f"round {running.state.number} is not being evaluated now")
+        raise StaleRoundError(f"round {number} is not the running round {running.state.number}")
 
     def _secure_step(
         self, clinic: str, round_number: int, stage: str, action: Callable[[SecureMode], None]
@@ -556,10 +576,9 @@ class Coordinator:
     def decline(self, clinic: str, round_number: int, reason: str, detail: str) -> None:
         label = reason if reason in KNOWN_DECLINE_REASONS else "other"
         with self._cond:
-            running = self._running
-            if running is None:
-                raise PreconditionError("no round is running")
+            running = self._require_round(round_number)
             running.state.decline(clinic, round_number, reason, self._clock())
+            round_number = evaluated_round(round_number) or round_number
             info = self._clinics.get(clinic)
             if info is not None:
                 info.declines += 1
@@ -596,10 +615,18 @@ class Coordinator:
             if running.finalizing:
                 raise PreconditionError(f"round {number} is already being aggregated and validated")
             why = f"aborted by {actor}: {reason}" if reason else f"aborted by {actor}"
-            running.state.abort(why)
             self.ledger.audit(
                 actor, "abort_round", {"round": number, "reason": reason}, self._clock()
             )
+            if running.evaluation is not None:
+                # The candidate is formed and stored; the operator's abort ends the round
+                # without a decision (the candidate stays on disk, unpublished).
+                running.evaluation.state.abort(why)
+                running.evaluation.mode.abort(why)
+                checkpoint = running.pending.checkpoint if running.pending else None
+                self._finish_locked(running, "aborted", why, self._clock(), checkpoint=checkpoint)
+                return
+            running.state.abort(why)
             self._settle_locked(self._clock())
 
     def rollback(
@@ -775,9 +802,14 @@ class Coordinator:
         if running is None:
             return None
         st = running.state
+        evaluation = running.evaluation
+        stage = st.stage if evaluation is None else f"evaluate_{evaluation.state.stage}"
+        history = list(st.history)
+        if evaluation is not None:
+            history += [replace(h, stage=f"evaluate_{h.stage}") for h in evaluation.state.history]
         return RoundView(
             round=st.number,
-            state="finalizing" if running.finalizing else st.stage,
+            state="finalizing" if running.finalizing else stage,
             outcome="",
             reason="",
             parent_checkpoint=st.parent,
@@ -788,7 +820,7 @@ class Coordinator:
             metrics=None,
             started_at=st.started_at,
             finished_at=0.0,
-            stage_seconds={h.stage: h.seconds for h in st.history},
+            stage_seconds={h.stage: h.seconds for h in history},
             aggregation=running.plan.aggregation,
         )
 
@@ -833,17 +865,22 @@ class Coordinator:
                 self._finalize(ready)
 
     def _settle_locked(self, now: float) -> RunningRound | None:
-        """Advance the running round; returns it when it is ready to be finalised."""
+        """Advance the running round (or its evaluation session); returns the round when it
+        is ready to be finalised."""
         running = self._running
         if running is None or running.finalizing:
             return None
-        st = running.state
+        target = running.evaluation or running
+        st = target.state
+        # An evaluation session's stages are the round's, recorded as "evaluate_<stage>".
+        prefix = "" if target is running else "evaluate_"
+        number = running.state.number
         while (result := st.tick(now)) is not None:
             if st.phase is not Phase.ABORTED:
                 try:
                     # The mode may keep fewer clinics than the stage's responders (secure:
                     # only uploads that committed are in the sum) or abort below t.
-                    kept = running.mode.close_stage(result.stage, result.responded)
+                    kept = target.mode.close_stage(result.stage, result.responded)
                 except SecAggAbortedError as exc:
                     st.abort(str(exc))
                 else:
@@ -852,19 +889,24 @@ class Coordinator:
                         st.alive = set(kept)
                         for clinic in sorted(lost):
                             st.dropped[clinic] = result.stage
-            self.ledger.record_stage(st.number, result.stage, result.seconds)
-            self.metrics.stage_duration.labels(stage=result.stage).observe(result.seconds)
+            stage = prefix + result.stage
+            self.ledger.record_stage(number, stage, result.seconds)
+            self.metrics.stage_duration.labels(stage=stage).observe(result.seconds)
             for clinic in sorted(result.dropped):
-                self.metrics.dropouts.labels(stage=result.stage).inc()
+                self.metrics.dropouts.labels(stage=stage).inc()
                 self.ledger.record_clinic_event(
-                    st.number, clinic, "dropped", f"silent in stage {result.stage}", now
+                    number, clinic, "dropped", f"silent in stage {stage}", now
                 )
-                log.warning("round %d: %s dropped out in stage %s", st.number, clinic, result.stage)
+                log.warning("round %d: %s dropped out in stage %s", number, clinic, stage)
         if st.phase is Phase.ABORTED:
-            running.mode.abort(st.abort_reason)
-            self._finish_locked(running, "aborted", st.abort_reason, now)
-            return None
-        if st.phase is Phase.READY:
+            target.mode.abort(st.abort_reason)
+            if target is running:
+                self._finish_locked(running, "aborted", st.abort_reason, now)
+                return None
+            # A failed evaluation costs the round its federated evidence, not the candidate:
+            # the gate decides on the held-out set and says so.
+            running.evaluation_note = f"federated evaluation aborted: {st.abort_reason}"
+        if st.phase is not Phase.RUNNING:
             running.finalizing = True
             self._cond.notify_all()
             return running
@@ -1050,9 +1092,20 @@ class Coordinator:
         )
 
     def _finalize(self, running: RunningRound) -> None:
-        """Aggregate, store, evaluate and publish; runs outside the lock (it is slow)."""
+        """Aggregate, store and score the candidate, run its federated evaluation when it
+        applies, then decide; runs outside the lock (it is slow)."""
+        if running.pending is None:
+            pending = self._form_candidate(running)
+            if pending is None or self._start_evaluation(running, pending):
+                return
+        self._decide(running)
+
+    def _form_candidate(self, running: RunningRound) -> PendingDecision | None:
+        """The checked sum applied to the parent, stored and scored on the held-out set;
+        None when the round was finished here instead (a sum check or a failure)."""
         st = running.state
         started = self._clock()
+        result = None
         try:
             result = running.mode.finalize(st.alive)
             # Before any model is formed or scored: could honest clinics have sent this?
@@ -1075,13 +1128,6 @@ class Coordinator:
                         self.evaluator.labels, predicted, self._published_predicted(), CLASSES
                     )
                 eval_seconds = self._clock() - t0
-            decision = decide(
-                metrics,
-                self._published_metrics,
-                self.gate,
-                published_is_initial=self._published[1] == 0,
-                evidence=evidence,
-            )
         except SumCheckError as exc:
             log.warning("round %d: %s", st.number, exc)
             self.metrics.sum_check_failures.labels(check=exc.check).inc()
@@ -1091,17 +1137,131 @@ class Coordinator:
                     "rejected",
                     str(exc),
                     self._clock(),
-                    contributors=result.contributors,
+                    contributors=result.contributors if result is not None else (),
                     metrics={"sum_checks": {"failed": exc.check, "reason": str(exc)}},
                 )
-            return
+            return None
         except Exception as exc:  # a failed finalisation must abort, never half-publish
             log.exception("round %d: finalisation failed", st.number)
             with self._cond:
                 self._finish_locked(
                     running, "aborted", f"finalisation failed: {exc}", self._clock()
                 )
+            return None
+        pending = PendingDecision(
+            checkpoint=cid,
+            result=result,
+            sum_report=sum_report,
+            metrics=metrics,
+            holdout_evidence=evidence,
+            predicted=predicted,
+            aggregate_seconds=aggregate_seconds,
+            validate_seconds=eval_seconds,
+        )
+        running.pending = pending
+        return pending
+
+    def _start_evaluation(self, running: RunningRound, pending: PendingDecision) -> bool:
+        """Start the candidate's secure federated evaluation when it applies (True)."""
+        validation = self.config.validation
+        wanted = (
+            validation.federated_evaluation
+            and isinstance(running.mode, SecureMode)
+            and self.ca_cert is not None
+            and self.gate.enabled
+            and self.gate.rule != "tolerance"
+            and pending.holdout_evidence is not None
+            # Against the initial or a chance-level model only the floor applies.
+            and compares(
+                self._published_metrics, self.gate, published_is_initial=self._published[1] == 0
+            )
+        )
+        if not wanted or self.ca_cert is None:
+            return False
+        contributors = pending.result.contributors
+        threshold = evaluation_threshold(len(contributors), self.config.rounds.min_clinics)
+        with self._cond:
+            if threshold is None:
+                running.evaluation_note = (
+                    f"federated evaluation skipped: {len(contributors)} contributor(s) cannot "
+                    "form a secure sum"
+                )
+                return False
+            rc = self.config.rounds
+            running.evaluation = start_evaluation(
+                training=running,
+                cohort=contributors,
+                candidate=pending.checkpoint,
+                threshold=threshold,
+                max_cases=validation.evaluation_max_cases,
+                ca_cert=self.ca_cert,
+                first_stage_s=rc.evaluation_deadline_s,
+                stage_s=rc.secagg_stage_deadline_s,
+                max_bytes=self.config.server.max_update_bytes,
+                now=self._clock(),
+                clock=self._clock,
+            )
+            running.finalizing = False
+            self._cond.notify_all()
+        log.info(
+            "round %d: candidate %s formed; federated evaluation by %d clinic(s)",
+            running.state.number,
+            pending.checkpoint[:12],
+            len(contributors),
+        )
+        return True
+
+    def _federated_counts(self, running: RunningRound) -> EvaluationCounts | None:
+        """The evaluation's checked count sum, or None (with a note) when there is none."""
+        evaluation = running.evaluation
+        if evaluation is None or evaluation.state.phase is not Phase.READY:
+            return None
+        try:
+            return summed_counts(evaluation)
+        except SecAggAbortedError as exc:
+            running.evaluation_note = f"federated evaluation failed to unmask: {exc}"
+            return None
+
+    def _decide(self, running: RunningRound) -> None:
+        """The gate's decision on the pending candidate, recorded and applied."""
+        st = running.state
+        pending = running.pending
+        assert pending is not None
+        counts: EvaluationCounts | None = None
+        try:
+            try:
+                counts = self._federated_counts(running)
+            except CountCheckError as exc:
+                # Honest clinics cannot produce this sum: someone lied about their counts.
+                self.metrics.sum_check_failures.labels(check=f"count_{exc.check}").inc()
+                decision = GateDecision(
+                    False,
+                    f"federated evaluation count sum failed the {exc.check} check: {exc}",
+                    rule=self.gate.rule,
+                )
+            else:
+                evidence = pending.holdout_evidence
+                if counts is not None and evidence is not None:
+                    evidence = evidence + evidence_of(counts)
+                decision = decide(
+                    pending.metrics,
+                    self._published_metrics,
+                    self.gate,
+                    published_is_initial=self._published[1] == 0,
+                    evidence=evidence,
+                )
+        except Exception as exc:  # a failed decision must abort, never half-publish
+            log.exception("round %d: the gate's decision failed", st.number)
+            with self._cond:
+                self._finish_locked(
+                    running,
+                    "aborted",
+                    f"finalisation failed: {exc}",
+                    self._clock(),
+                    checkpoint=pending.checkpoint,
+                )
             return
+        result, cid, metrics = pending.result, pending.checkpoint, pending.metrics
         with self._cond:
             now = self._clock()
             if running.train_seconds:
@@ -1109,37 +1269,47 @@ class Coordinator:
                 self.ledger.record_stage(
                     st.number, "local_training", max(running.train_seconds.values())
                 )
-            self.ledger.record_stage(st.number, "aggregate", aggregate_seconds)
-            self.metrics.stage_duration.labels(stage="aggregate").observe(aggregate_seconds)
+            self.ledger.record_stage(st.number, "aggregate", pending.aggregate_seconds)
+            self.metrics.stage_duration.labels(stage="aggregate").observe(pending.aggregate_seconds)
             if self.evaluator is not None:
-                self.ledger.record_stage(st.number, "validate", eval_seconds)
-                self.metrics.stage_duration.labels(stage="validate").observe(eval_seconds)
+                self.ledger.record_stage(st.number, "validate", pending.validate_seconds)
+                self.metrics.stage_duration.labels(stage="validate").observe(
+                    pending.validate_seconds
+                )
             self.ledger.record_checkpoint(cid, st.number, st.parent, now, metrics)
             recorded = dict(metrics or {})
-            recorded["sum_checks"] = sum_report
+            recorded["sum_checks"] = pending.sum_report
+            if running.evaluation is not None or running.evaluation_note:
+                evaluated = running.evaluation.state.alive if running.evaluation else ()
+                recorded["federated_evaluation"] = summary(
+                    counts, sorted(evaluated) if counts is not None else (), running.evaluation_note
+                )
             self.metrics.gate_decisions.labels(rule=decision.rule, verdict=decision.verdict).inc()
+            reason = decision.reason
+            if running.evaluation_note:
+                reason = f"{reason} [{running.evaluation_note}]"
             if metrics is not None:
                 recorded["gate"] = {
                     "verdict": decision.verdict,
                     "rule": decision.rule,
-                    "reason": decision.reason,
+                    "reason": reason,
                     "checks": decision.checks,
                 }
                 self.metrics.set_gate_evidence(decision.rule, decision.checks)
-            if decision.accept and predicted is not None:
-                self._published_predictions = (cid, predicted)
+            if decision.accept and pending.predicted is not None:
+                self._published_predictions = (cid, pending.predicted)
             if not decision.accept:
                 self.metrics.rollbacks.labels(kind="automatic").inc()
                 log.warning(
                     "round %d: candidate %s rejected by the validation gate: %s",
                     st.number,
                     cid[:12],
-                    decision.reason,
+                    reason,
                 )
             self._finish_locked(
                 running,
                 "published" if decision.accept else "rejected",
-                "" if decision.accept else decision.reason,
+                "" if decision.accept else reason,
                 now,
                 checkpoint=cid,
                 contributors=result.contributors,

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from aggregator.fedavg import AggregateResult
+from aggregator.gate import PairedEvidence
 from aggregator.ledger import RoundRecord
 from aggregator.round_modes import RoundMode, SecAggStageData
 from aggregator.rounds import Round
@@ -36,6 +40,13 @@ class RoundPlan:
     quantization: QuantizationPlan | None = None
     clinic_noise_multiplier: float = 0.0
     upload_norm_bound: float = 0.0
+    # Evaluation sessions only (common/federated_eval.py): ``round`` is the session number.
+    candidate_checkpoint: str = ""
+    evaluation_max_cases: int = 0
+
+    @property
+    def is_evaluation(self) -> bool:
+        return bool(self.candidate_checkpoint)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -107,6 +118,20 @@ class ClinicInfo:
     privacy: PrivacyReport | None = None
 
 
+@dataclass(frozen=True)
+class PendingDecision:
+    """A formed candidate waiting for its federated evaluation before the gate decides."""
+
+    checkpoint: str
+    result: AggregateResult
+    sum_report: dict[str, float]
+    metrics: dict[str, object] | None
+    holdout_evidence: PairedEvidence | None
+    predicted: np.ndarray | None
+    aggregate_seconds: float
+    validate_seconds: float
+
+
 @dataclass
 class RunningRound:
     state: Round
@@ -115,6 +140,12 @@ class RunningRound:
     # Local training time each clinic reports, to split round time into training vs protocol.
     train_seconds: dict[str, float] = field(default_factory=dict)
     finalizing: bool = False
+    # The round's secure federated evaluation (aggregator/federated_evaluation.py): the
+    # candidate waiting for it, and the session while it runs (its own state and mode).
+    pending: PendingDecision | None = None
+    evaluation: RunningRound | None = None
+    # Why the evaluation was skipped or ended without a usable sum ("" when it did not).
+    evaluation_note: str = ""
 
 
 @dataclass(frozen=True)

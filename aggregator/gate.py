@@ -126,6 +126,13 @@ def _chance_level(metrics: Mapping[str, Any], settings: GateSettings) -> bool:
     return float(bal) <= 1.0 / len(sens) + settings.chance_margin
 
 
+def compares(
+    published: Mapping[str, Any] | None, settings: GateSettings, *, published_is_initial: bool
+) -> bool:
+    """Whether a candidate is compared with ``published`` at all (else only the floor)."""
+    return not (published is None or published_is_initial or _chance_level(published, settings))
+
+
 def decide(
     candidate: Mapping[str, Any] | None,
     published: Mapping[str, Any] | None,
@@ -156,7 +163,7 @@ def decide(
                 f"balanced accuracy {bal:.3f} is below the floor "
                 f"{settings.min_balanced_accuracy:.3f}"
             )
-    trivial = published is None or published_is_initial or _chance_level(published, settings)
+    trivial = not compares(published, settings, published_is_initial=published_is_initial)
     if not trivial and published is not None:
         if settings.rule == "tolerance":
             failures += _tolerance_rule(candidate, published, settings, checks)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -84,6 +85,7 @@ from common.secagg.quantize import QuantizationPlan
 from common.secagg.shamir import SHARE_BYTES, combine
 
 UInt32Array = npt.NDArray[np.uint32]
+_R = TypeVar("_R")
 
 _DONE = len(STAGES)
 """Stage index once the unmask stage is closed."""
@@ -183,7 +185,7 @@ class SecAggServer:
         cohort: Sequence[str],
         threshold: int,
         numel_ring: int,
-        quant_plan: QuantizationPlan,
+        quant_plan: QuantizationPlan | None,
         ca_cert: x509.Certificate,
         *,
         now: Callable[[], datetime],
@@ -200,21 +202,22 @@ class SecAggServer:
         ):
             raise PreconditionError("cohort must be distinct non-empty clinic ids")
         check_threshold(threshold, len(cohort_ids))
-        if not isinstance(quant_plan, QuantizationPlan):
-            raise PreconditionError("quant_plan must be a QuantizationPlan")
-        if quant_plan.max_clinics < len(cohort_ids):
+        # Without a quantization plan the inputs are integers already (evaluation counts):
+        # the caller bounds them and takes the raw sum with finalize_ring().
+        extra = 0
+        if quant_plan is not None:
+            if not isinstance(quant_plan, QuantizationPlan):
+                raise PreconditionError("quant_plan must be a QuantizationPlan or None")
+            if quant_plan.max_clinics < len(cohort_ids):
+                raise PreconditionError(
+                    f"the quantization plan covers {quant_plan.max_clinics} clinics, fewer "
+                    f"than the cohort of {len(cohort_ids)}; the sum could wrap"
+                )
+            extra = quant_plan.extra_coordinates
+        if isinstance(numel_ring, bool) or not isinstance(numel_ring, int) or numel_ring <= extra:
             raise PreconditionError(
-                f"the quantization plan covers {quant_plan.max_clinics} clinics, fewer than the "
-                f"cohort of {len(cohort_ids)}; the sum could wrap"
-            )
-        if (
-            isinstance(numel_ring, bool)
-            or not isinstance(numel_ring, int)
-            or numel_ring <= quant_plan.extra_coordinates
-        ):
-            raise PreconditionError(
-                f"numel_ring must be an int > {quant_plan.extra_coordinates} (the model's "
-                f"parameters plus the weight/loss coordinates), got {numel_ring!r}"
+                f"numel_ring must be an int > {extra} (the model's parameters plus the "
+                f"weight/loss coordinates), got {numel_ring!r}"
             )
         self.federation = federation
         self.round_number = round_number
@@ -228,6 +231,7 @@ class SecAggServer:
         self._stage_index = 0
         self._aborted: SecAggAbortedError | None = None
         self._result: AggregateResult | None = None
+        self._ring_sum: UInt32Array | None = None
         # Participant sets U1..U5 in order, as stages close.
         self._sets: list[frozenset[str]] = []
 
@@ -480,16 +484,34 @@ class SecAggServer:
         """
         if self._result is not None:
             return self._result
+        if self.plan is None:
+            raise PreconditionError("this session sums integers: use finalize_ring()")
+        plan = self.plan
+        self._result = self._finalizing(lambda ring: self._decode(ring, plan))
+        return self._result
+
+    def finalize_ring(self) -> UInt32Array:
+        """The unmasked sum itself, modulo 2^32 (sessions without a quantization plan).
+
+        The same reconstruction and checks as :meth:`finalize`; bounding the values is the
+        caller's job (:func:`common.eval_counts.decode_sum`).
+        """
+        if self._ring_sum is None:
+            self._ring_sum = self._finalizing(lambda ring: ring.copy())
+        return self._ring_sum.copy()
+
+    def _finalizing(self, decode: Callable[[UInt32Array], _R]) -> _R:
         if self._aborted is not None:
             raise self._aborted
         if self._stage_index < STAGES.index(STAGE_UNMASK):
             raise StaleRoundError(f"cannot finalise in stage {self.stage!r}")
         try:
-            self._result = self._unmask_and_decode()
+            result = decode(self._unmask())
         except UnmaskFailedError as exc:
             self._abort(exc)
             raise
-        return self._result
+        self._accumulator = None
+        return result
 
     # -- stage transitions -----------------------------------------------------------------
 
@@ -609,7 +631,8 @@ class SecAggServer:
                 f"{what} of {clinic_id!r} does not verify: {exc}"
             ) from None
 
-    def _unmask_and_decode(self) -> AggregateResult:
+    def _unmask(self) -> UInt32Array:
+        """Remove every mask from the accumulator (in place) and return it."""
         reveals = self._reveals
         if len(reveals) < self.threshold:
             raise UnmaskFailedError(
@@ -654,14 +677,20 @@ class SecAggServer:
                         clinic_b=k,
                     )
                     accumulate_mask(accumulator, seed, -pairwise_sign(k, j), context=context)
-            decoded = self.plan.decode_sum(accumulator, contributors=len(survivors))
+        except SecAggCryptoError as exc:
+            raise UnmaskFailedError(f"the masks cannot be removed: {exc}") from None
+        return accumulator
+
+    def _decode(self, accumulator: UInt32Array, plan: QuantizationPlan) -> AggregateResult:
+        survivors = sorted(self._set(3))
+        try:
+            decoded = plan.decode_sum(accumulator, contributors=len(survivors))
             mean = decoded.mean_delta()
         except SecAggCryptoError as exc:
             raise UnmaskFailedError(f"the unmasked sum is unusable: {exc}") from None
         loss = None
         if decoded.weighted_loss_sum is not None:
             loss = decoded.weighted_loss_sum / decoded.weight_sum
-        self._accumulator = None
         return AggregateResult(
             delta=mean.astype(np.float32),
             total_weight=decoded.weight_sum,

@@ -125,6 +125,8 @@ def plan_to_proto(plan: RoundPlan) -> federation_pb2.RoundPlan:
         threshold=plan.threshold,
         clinic_noise_multiplier=plan.clinic_noise_multiplier,
         upload_norm_bound=plan.upload_norm_bound,
+        candidate_checkpoint=plan.candidate_checkpoint,
+        evaluation_max_cases=plan.evaluation_max_cases,
     )
     q = plan.quantization
     if q is not None:
@@ -264,7 +266,11 @@ class FederationServicer(_Base, federation_pb2_grpc.FederationServicer):
             response.kind = federation_pb2.PollResponse.TRAIN
             response.plan.CopyFrom(plan_to_proto(task.plan))
         else:
-            response.kind = federation_pb2.PollResponse.SECAGG
+            response.kind = (
+                federation_pb2.PollResponse.EVALUATE
+                if task.plan.is_evaluation
+                else federation_pb2.PollResponse.SECAGG
+            )
             response.plan.CopyFrom(plan_to_proto(task.plan))
             response.secagg.CopyFrom(secagg_task_to_proto(task.secagg))
         return response

@@ -34,7 +34,7 @@ RETRYABLE = frozenset(
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "idle" | "train"
+    kind: str  # "idle" | "train" | "secagg" | "evaluate"
     plan: federation_pb2.RoundPlan | None
     published_checkpoint: str
     published_round: int
@@ -78,6 +78,7 @@ class FederationClient:
         kind = {
             federation_pb2.PollResponse.TRAIN: "train",
             federation_pb2.PollResponse.SECAGG: "secagg",
+            federation_pb2.PollResponse.EVALUATE: "evaluate",
         }.get(resp.kind, "idle")
         return Task(
             kind,
@@ -85,7 +86,7 @@ class FederationClient:
             resp.published_checkpoint,
             resp.published_round,
             resp.retry_after_ms / 1000.0,
-            resp.secagg if kind == "secagg" else None,
+            resp.secagg if kind in ("secagg", "evaluate") else None,
         )
 
     def download(self, checkpoint: str) -> bytes:

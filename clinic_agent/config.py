@@ -96,6 +96,22 @@ class NetworkSection:
 
 
 @dataclass(frozen=True)
+class EvaluationSection:
+    """The clinic's evaluation slice: lesions it never trains on, used to score each
+    round's candidate for the aggregator's gate (only securely summed counts leave)."""
+
+    # Share of the clinic's lesions held out, and the most images the slice may hold.
+    # max_cases = 0: no slice, every case is trained on, and the clinic sits out
+    # federated evaluation. The slice is chosen once and kept in storage.state_dir.
+    fraction: float = 0.2
+    max_cases: int = 200
+
+    def validate(self) -> None:
+        require(0.0 < self.fraction < 1.0, "evaluation.fraction", "must be in (0, 1)")
+        require(self.max_cases >= 0, "evaluation.max_cases", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class ClinicConfig:
     federation: str
     aggregator: AggregatorSection
@@ -103,6 +119,7 @@ class ClinicConfig:
     data: DataSection
     storage: StorageSection
     training: TrainingSection = field(default_factory=TrainingSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     # Record-level DP-SGD and the clinic's own budget (set by its privacy officer).
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     network: NetworkSection = field(default_factory=NetworkSection)

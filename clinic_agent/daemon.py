@@ -24,22 +24,34 @@ from cryptography import x509
 from clinic_agent.client import RETRYABLE, FederationClient
 from clinic_agent.config import ClinicConfig
 from clinic_agent.dp_training import train_dp
+from clinic_agent.eval_slice import SLICE_FILE, EvaluationSlice, capped
+from clinic_agent.evaluation_rounds import EvaluationRounds
 from clinic_agent.metrics import AgentMetrics
 from clinic_agent.outcomes import PreparedRound, RoundOutcome, TrainedUpdate
 from clinic_agent.privacy_guard import PrivacyGuard, Refusal
 from clinic_agent.progress import TrainingProgress
 from clinic_agent.secure_rounds import SecureRounds
-from clinic_agent.training import TrainConfig, TrainResult, compute_delta, train_local
+from clinic_agent.training import (
+    TrainConfig,
+    TrainResult,
+    compute_delta,
+    torch_threads,
+    train_local,
+)
 from common.backoff import Backoff
 from common.clipping import add_gaussian_noise, clinic_noise_std, clip_l2
 from common.datasets import (
+    CLASSES,
     ImageCache,
+    Record,
     load_records,
     public_class_weights,
     public_logit_offsets,
 )
 from common.errors import REFUSAL_KEY, PrivacyResetError
+from common.evaluation import predict_proba
 from common.features import FeatureCache
+from common.federated_eval import EvaluationCounts
 from common.fsutil import StateDirLock, atomic_write
 from common.identity import IdentityError, identity_from_certificate, own_identity
 from common.model import ModelConfig, build_model
@@ -92,6 +104,10 @@ class ClinicAgent:
         # change between rounds and the front end costs far more than the head.
         self.features = FeatureCache()
         self.secure = SecureRounds(self)
+        self.evaluation = EvaluationRounds(self, self.secure.identity)
+        # The evaluation slice (clinic_agent/eval_slice.py), read or chosen with the data.
+        self.slice_path = self.state_dir / SLICE_FILE
+        self._slice: EvaluationSlice | None = None
         self.last_round = 0
         self.history: list[RoundOutcome] = []
 
@@ -157,6 +173,8 @@ class ClinicAgent:
                 outcome = self.secure.step(task.plan, task.secagg)
                 if outcome is not None:
                     self.history.append(outcome)
+            elif task.kind == "evaluate" and task.plan is not None and task.secagg is not None:
+                self.evaluation.step(task.plan, task.secagg)
             else:
                 # The server already held the call for poll_wait_s; a short pause keeps an
                 # idle federation from spinning when the server answers early.
@@ -208,6 +226,7 @@ class ClinicAgent:
         old.close()
         if self.secure._session is None:
             self.secure = secure  # signing key for future rounds; a running round keeps its own
+            self.evaluation.identity = secure.identity
         self._tls_stamp = stamp
         log.info("clinic certificate rotated (serial %x); reconnected", cert.serial_number)
 
@@ -473,10 +492,43 @@ class ClinicAgent:
             if old != keep:
                 old.unlink(missing_ok=True)
 
-    def _local_data(self, model_cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    def _records(self) -> tuple[list[Record], list[Record]]:
+        """``(training, evaluation slice)`` of the clinic's current data."""
         # Re-read the folder every round so cases added since the last one are used,
         # without a restart; the cache decodes only new or changed files.
         records = load_records(self.config.data.path)
+        ev = self.config.evaluation
+        if self._slice is None and (ev.max_cases > 0 or self.slice_path.exists()):
+            self._slice = EvaluationSlice.load_or_choose(
+                self.slice_path,
+                records,
+                fraction=ev.fraction,
+                max_cases=ev.max_cases,
+                rng=random.Random(secrets.randbits(64)),
+            )
+        if self._slice is None:
+            return records, []
+        train, held = self._slice.split(records)
+        self.metrics.evaluation_cases.set(len(held))
+        return train, held
+
+    def evaluation_counts(self, plan: federation_pb2.RoundPlan) -> EvaluationCounts | None:
+        """Both models' counts on the evaluation slice (at most the plan's cases)."""
+        _, held = self._records()
+        held = capped(held, int(plan.evaluation_max_cases))
+        if not held:
+            return None
+        published, published_cfg = self._global_model(plan.parent_checkpoint)
+        candidate, candidate_cfg = self._global_model(plan.candidate_checkpoint)
+        images = self.images.load(held, published_cfg.input_size)
+        labels = np.array([r.label for r in held], dtype=np.int64)
+        with torch_threads(self.config.training.threads or None):
+            cand = predict_proba(candidate_cfg, candidate, images, features=self.features)
+            pub = predict_proba(published_cfg, published, images, features=self.features)
+        return EvaluationCounts.of(labels, cand.argmax(axis=1), pub.argmax(axis=1), len(CLASSES))
+
+    def _local_data(self, model_cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+        records, _ = self._records()
         self.metrics.local_examples.set(len(records))
         if not records:
             return (

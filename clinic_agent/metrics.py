@@ -89,3 +89,16 @@ class AgentMetrics:
         )
         for result in ("contributed", "declined", "failed"):
             self.rounds.labels(result=result)
+        self.evaluations = Counter(
+            "dermafed_agent_evaluations_total",
+            "Secure federated evaluations of a candidate, by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.evaluation_cases = Gauge(
+            "dermafed_agent_evaluation_slice_cases",
+            "Images in the clinic's evaluation slice (never trained on).",
+            registry=registry,
+        )
+        for result in ("contributed", "declined", "failed", "refused"):
+            self.evaluations.labels(result=result)

@@ -265,7 +265,21 @@ class SecAggClient:
         return self._run(
             STAGE_MASKED_INPUT,
             None,
-            lambda _: self._masked_input_stage(delivery, delta, weight, plan, loss),
+            lambda _: self._masked_input_stage(
+                delivery, lambda: self._encode(delta, weight, plan, loss)
+            ),
+        )
+
+    def masked_integers(self, delivery: SharesForRecipient, values: UInt32Array) -> MaskedInput:
+        """Stage 3 for a session that sums integers (evaluation counts): mask ``values``
+        as they are. The caller keeps them small enough that no admissible sum wraps."""
+        if self._refusal is None and self._next_stage > STAGES.index(STAGE_MASKED_INPUT):
+            self._refuse(ProtocolStateError("masked input was already produced for this round"))
+        x = np.array(values, dtype=np.uint32, copy=True)
+        if x.ndim != 1 or x.size == 0:
+            raise ValueError("values must be a non-empty 1-D vector")
+        return self._run(
+            STAGE_MASKED_INPUT, None, lambda _: self._masked_input_stage(delivery, lambda: x)
         )
 
     def consistency(self, announcement: SurvivorSet) -> SurvivorSignature:
@@ -408,19 +422,13 @@ class SecAggClient:
             round_number=self.round_number, sender=self.clinic_id, ciphertexts=ciphertexts
         )
 
-    def _masked_input_stage(
+    def _encode(
         self,
-        delivery: SharesForRecipient,
         delta: npt.NDArray[np.floating],
         weight: float,
         plan: QuantizationPlan,
         loss: float | None,
-    ) -> MaskedInput:
-        if not isinstance(delivery, SharesForRecipient):
-            raise MalformedMessageError("expected the shares addressed to this clinic")
-        self._check_round("share delivery", delivery.round_number)
-        if delivery.recipient != self.clinic_id:
-            raise ParticipantSetError(f"shares addressed to {delivery.recipient!r}, not to us")
+    ) -> UInt32Array:
         if not isinstance(plan, QuantizationPlan):
             raise MalformedMessageError("plan must be a QuantizationPlan")
         if plan.max_clinics < len(self.cohort):
@@ -428,6 +436,16 @@ class SecAggClient:
                 f"the quantization plan covers {plan.max_clinics} clinics, fewer than the "
                 f"cohort of {len(self.cohort)}: the sum could wrap"
             )
+        return plan.encode(delta, weight=weight, rng=rounding_rng(self._rand), loss=loss)
+
+    def _masked_input_stage(
+        self, delivery: SharesForRecipient, encode: Callable[[], UInt32Array]
+    ) -> MaskedInput:
+        if not isinstance(delivery, SharesForRecipient):
+            raise MalformedMessageError("expected the shares addressed to this clinic")
+        self._check_round("share delivery", delivery.round_number)
+        if delivery.recipient != self.clinic_id:
+            raise ParticipantSetError(f"shares addressed to {delivery.recipient!r}, not to us")
         u1 = set(self._u1)
         for sender in delivery.ciphertexts:
             if sender == self.clinic_id:
@@ -461,7 +479,7 @@ class SecAggClient:
             raise TooFewParticipantsError(
                 f"only {len(u2)} clinics shared keys; the threshold is {self.threshold}"
             )
-        x = plan.encode(delta, weight=weight, rng=rounding_rng(self._rand), loss=loss)
+        x = encode()
         masks = [(mask_key(self._self_seed, context=self._clinic_context(self.clinic_id)), 1)]
         for peer in sorted(u2 - {self.clinic_id}):
             context = pair_context(

@@ -18,12 +18,15 @@ from typing import Protocol
 
 import grpc
 import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from clinic_agent.client import RETRYABLE, FederationClient
 from clinic_agent.config import ClinicConfig
 from clinic_agent.metrics import AgentMetrics
 from clinic_agent.outcomes import PreparedRound, RoundOutcome, TrainedUpdate
 from clinic_agent.secagg_client import SecAggClient
+from common.config import TlsSection
 from common.pki import load_certificate, load_private_key
 from common.secagg.messages import (
     KeyAdvertisement,
@@ -91,13 +94,38 @@ def quantization_from_proto(spec: federation_pb2.QuantizationSpec) -> Quantizati
     )
 
 
+@dataclass(frozen=True)
+class SigningIdentity:
+    """What a clinic signs its secure-aggregation messages with: its TLS key and cert."""
+
+    signing_key: ec.EllipticCurvePrivateKey
+    certificate_pem: bytes
+    ca_cert: x509.Certificate
+
+    @classmethod
+    def load(cls, tls: TlsSection) -> SigningIdentity:
+        return cls(load_private_key(tls.key), tls.cert.read_bytes(), load_certificate(tls.ca_cert))
+
+    def session(self, plan: federation_pb2.RoundPlan, clinic_id: str) -> SecAggClient:
+        """A fresh protocol state for the session ``plan`` describes (new keys)."""
+        return SecAggClient(
+            plan.federation,
+            int(plan.round),
+            clinic_id,
+            tuple(plan.cohort),
+            int(plan.threshold),
+            self.signing_key,
+            self.certificate_pem,
+            self.ca_cert,
+            rand=os.urandom,
+            now=lambda: datetime.now(UTC),
+        )
+
+
 class SecureRounds:
     def __init__(self, agent: RoundHost) -> None:
         self.agent = agent
-        cfg = agent.config.tls
-        self._signing_key = load_private_key(cfg.key)
-        self._certificate_pem = cfg.cert.read_bytes()
-        self._ca_cert = load_certificate(cfg.ca_cert)
+        self.identity = SigningIdentity.load(agent.config.tls)
         self._session: _Session | None = None
 
     def step(
@@ -121,27 +149,10 @@ class SecureRounds:
                 )
                 agent.last_round = number
                 return None
-            if task.stage == "share_keys":
-                ads = [_relayed(a, number) for a in task.advertisements]
-                submission = session.client.share_keys(ads)
-                agent.client.share_keys(number, submission.ciphertexts)
-            elif task.stage == "masked_input":
+            if task.stage == "masked_input":
                 self._masked_input(plan, session, task)
-            elif task.stage == "consistency":
-                signed = session.client.consistency(SurvivorSet(number, tuple(task.survivors)))
-                agent.client.sign_survivors(number, signed.signature)
-            elif task.stage == "unmask":
-                request = UnmaskRequest(
-                    round_number=number,
-                    survivors=tuple(task.survivors),
-                    dropped=tuple(task.dropped),
-                    signatures={s.clinic: s.signature for s in task.signatures},
-                )
-                reveal = session.client.unmask(request)
-                agent.client.reveal_shares(number, reveal.self_mask_shares, reveal.key_shares)
+            elif answer_stage(agent.client, session.client, number, task):
                 return self._done(session)
-            else:
-                log.error("round %d: unknown secure-aggregation stage %r", number, task.stage)
         except SecAggProtocolError as exc:
             # A security event: the aggregator (or a peer) broke the protocol.
             log.error("round %d: leaving the secure round: %s", number, exc)
@@ -167,18 +178,7 @@ class SecureRounds:
             prepared = agent.prepare(plan)
             if isinstance(prepared, RoundOutcome):
                 return prepared  # declined (privacy budget, no data, ...)
-            client = SecAggClient(
-                plan.federation,
-                number,
-                agent.clinic_id,
-                tuple(plan.cohort),
-                int(plan.threshold),
-                self._signing_key,
-                self._certificate_pem,
-                self._ca_cert,
-                rand=os.urandom,
-                now=lambda: datetime.now(UTC),
-            )
+            client = self.identity.session(plan, agent.clinic_id)
             self._session = _Session(number, client, prepared, time.monotonic())
             adv = client.advertise()
         agent.client.advertise_keys(
@@ -227,6 +227,34 @@ class SecureRounds:
         return self.agent.contributed(
             session.round, update, session.sent_bytes, time.monotonic() - session.started
         )
+
+
+def answer_stage(
+    client: FederationClient, secagg: SecAggClient, number: int, task: federation_pb2.SecAggTask
+) -> bool:
+    """Answer ``share_keys``, ``consistency`` or ``unmask``, which every secure session
+    (training or evaluation) answers alike; True once the reveal, the last message, is sent.
+    An unknown stage is logged and ignored (False)."""
+    if task.stage == "share_keys":
+        ads = [_relayed(a, number) for a in task.advertisements]
+        submission = secagg.share_keys(ads)
+        client.share_keys(number, submission.ciphertexts)
+    elif task.stage == "consistency":
+        signed = secagg.consistency(SurvivorSet(number, tuple(task.survivors)))
+        client.sign_survivors(number, signed.signature)
+    elif task.stage == "unmask":
+        request = UnmaskRequest(
+            round_number=number,
+            survivors=tuple(task.survivors),
+            dropped=tuple(task.dropped),
+            signatures={s.clinic: s.signature for s in task.signatures},
+        )
+        reveal = secagg.unmask(request)
+        client.reveal_shares(number, reveal.self_mask_shares, reveal.key_shares)
+        return True
+    else:
+        log.error("session %d: unknown secure-aggregation stage %r", number, task.stage)
+    return False
 
 
 def _relayed(msg: federation_pb2.Advertisement, number: int) -> RelayedAdvertisement:

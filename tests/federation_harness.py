@@ -35,6 +35,7 @@ from clinic_agent.config import (
     AggregatorSection,
     ClinicConfig,
     DataSection,
+    EvaluationSection,
     NetworkSection,
     TrainingSection,
 )
@@ -155,6 +156,9 @@ class Federation:
             data=DataSection(self.shards[name]),
             storage=AgentStorage(self.tmp / f"{name}-state"),
             training=TrainingSection(threads=1, augment=False),
+            # No evaluation slice unless a test asks for one: with 30 images a clinic
+            # would give a fifth of its training data (and fall below DP's minimum).
+            evaluation=EvaluationSection(max_cases=0),
             network=NetworkSection(
                 poll_wait_s=1.0,
                 rpc_timeout_s=10.0,

@@ -46,6 +46,8 @@ class RoundPlan(_message.Message):
     QUANTIZATION_FIELD_NUMBER: _builtins.int
     CLINIC_NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
     UPLOAD_NORM_BOUND_FIELD_NUMBER: _builtins.int
+    CANDIDATE_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    EVALUATION_MAX_CASES_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     parent_checkpoint: _builtins.str
     """sha256 (hex) of the global checkpoint the round starts from."""
@@ -81,6 +83,13 @@ class RoundPlan(_message.Message):
     """The L2 norm an uploaded (clipped, possibly noised) delta may have: delta_clip_norm,
     or with clinic-level noise a high-probability bound on the noised norm.
     """
+    candidate_checkpoint: _builtins.str
+    """Evaluation sessions only (PollResponse.EVALUATE; `round` is then the session number,
+    common/federated_eval.py): the candidate to score against `parent_checkpoint` (the
+    published model) on the clinic's evaluation slice, and the most cases one clinic
+    may count (it bounds the count sum).
+    """
+    evaluation_max_cases: _builtins.int
     @_builtins.property
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -106,10 +115,12 @@ class RoundPlan(_message.Message):
         quantization: Global___QuantizationSpec | None = ...,
         clinic_noise_multiplier: _builtins.float = ...,
         upload_norm_bound: _builtins.float = ...,
+        candidate_checkpoint: _builtins.str = ...,
+        evaluation_max_cases: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier", "dp_noise_multiplier", b"dp_noise_multiplier", "quantization", b"quantization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier", "aggregation", b"aggregation", "batch_size", b"batch_size", "clinic_noise_multiplier", b"clinic_noise_multiplier", "cohort", b"cohort", "delta_clip_norm", b"delta_clip_norm", "dp_noise_multiplier", b"dp_noise_multiplier", "federation", b"federation", "fedprox_mu", b"fedprox_mu", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_clinics", b"min_clinics", "optimizer", b"optimizer", "parent_checkpoint", b"parent_checkpoint", "quantization", b"quantization", "round", b"round", "stage_deadline", b"stage_deadline", "threshold", b"threshold", "upload_norm_bound", b"upload_norm_bound"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier", "aggregation", b"aggregation", "batch_size", b"batch_size", "candidate_checkpoint", b"candidate_checkpoint", "clinic_noise_multiplier", b"clinic_noise_multiplier", "cohort", b"cohort", "delta_clip_norm", b"delta_clip_norm", "dp_noise_multiplier", b"dp_noise_multiplier", "evaluation_max_cases", b"evaluation_max_cases", "federation", b"federation", "fedprox_mu", b"fedprox_mu", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "min_clinics", b"min_clinics", "optimizer", b"optimizer", "parent_checkpoint", b"parent_checkpoint", "quantization", b"quantization", "round", b"round", "stage_deadline", b"stage_deadline", "threshold", b"threshold", "upload_norm_bound", b"upload_norm_bound"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dp_noise_multiplier: _TypeAlias = _typing.Literal["dp_noise_multiplier"]  # noqa: Y015
     _WhichOneofArgType__dp_noise_multiplier: _TypeAlias = _typing.Literal["_dp_noise_multiplier", b"_dp_noise_multiplier"]  # noqa: Y015
@@ -380,6 +391,10 @@ class PollResponse(_message.Message):
         """download parent_checkpoint, train, upload the delta"""
         SECAGG: PollResponse._Kind.ValueType  # 3
         """the current stage of a secure round, described by `secagg`"""
+        EVALUATE: PollResponse._Kind.ValueType  # 4
+        """The current stage of a round's secure evaluation (`plan` names the candidate):
+        score it and the published model on the evaluation slice, sum the counts securely.
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: PollResponse.Kind.ValueType  # 0
@@ -389,6 +404,10 @@ class PollResponse(_message.Message):
     """download parent_checkpoint, train, upload the delta"""
     SECAGG: PollResponse.Kind.ValueType  # 3
     """the current stage of a secure round, described by `secagg`"""
+    EVALUATE: PollResponse.Kind.ValueType  # 4
+    """The current stage of a round's secure evaluation (`plan` names the candidate):
+    score it and the published model on the evaluation slice, sum the counts securely.
+    """
 
     KIND_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int

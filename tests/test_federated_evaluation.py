@@ -1,0 +1,164 @@
+"""Secure federated evaluation through the real services over mutual TLS.
+
+Three clinics with evaluation slices train two secure rounds; round 2's candidate is
+scored by every contributor on its slice and the counts are summed by a second secure
+session. The tests check the sum against what each clinic computes on its own, that the
+gate pools it with the held-out evidence, that a clinic vanishing mid-evaluation costs
+only its counts, and that a clinic lying with out-of-range counts gets the candidate
+rejected by a named check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from federation_harness import CLINICS, Federation, make_shards
+from pki_fixtures import make_federation
+
+from aggregator.config import PlanSection, RoundsSection, ValidationSection
+from clinic_agent.config import EvaluationSection
+from common.datasets import CLASSES
+from common.federated_eval import COUNT_SPEC
+from dermafed.v1 import federation_pb2
+
+EVAL_STAGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Iterator[Federation]:
+    # 60 images a clinic: a slice of a fifth of the lesions leaves enough to train on.
+    shards, holdout = make_shards(tmp_path, per_clinic=60)
+    federation = Federation(tmp_path, make_federation(tmp_path / "pki"), shards, holdout)
+    try:
+        yield federation
+    finally:
+        federation.stop()
+
+
+def _start(fed: Federation, **validation: object) -> None:
+    config = fed.aggregator_config(
+        rounds=RoundsSection(
+            aggregation="secure",
+            min_clinics=2,
+            start_when_connected=3,
+            max_rounds=2,
+            train_deadline_s=60.0,
+            secagg_stage_deadline_s=6.0,
+            evaluation_deadline_s=60.0,
+        ),
+        plan=PlanSection(local_epochs=1, batch_size=8, delta_clip_norm=5.0),
+        # Compare with the published model from round 2 on, even a near-chance one, so
+        # round 2's candidate is evaluated (round 1's is judged against the initial model).
+        validation=ValidationSection(
+            holdout=fed.holdout, rule="harm", chance_margin=-1.0, **validation
+        ),
+    )
+    fed.start_aggregator(config)
+    for name in CLINICS:
+        fed.start_agent(
+            name, fed.clinic_config(name, evaluation=EvaluationSection(max_cases=12))
+        )
+
+
+def _eval_plan(parent: str, candidate: str) -> federation_pb2.RoundPlan:
+    return federation_pb2.RoundPlan(
+        parent_checkpoint=parent, candidate_checkpoint=candidate, evaluation_max_cases=500
+    )
+
+
+def test_clinics_evaluate_the_candidate_and_the_gate_pools_their_counts(fed: Federation):
+    _start(fed)
+    fed.wait_rounds(2, timeout=240)
+    assert fed.service is not None
+    ledger = fed.service.ledger
+    rec = ledger.round(2)
+    assert rec is not None and rec.outcome in ("published", "rejected"), rec
+    assert rec.metrics is not None
+    summary = rec.metrics["federated_evaluation"]
+    assert summary["contributors"] == 3 and summary["note"] == ""
+
+    # The secure sum is exactly the sum of what each clinic computes on its own slice.
+    plan = _eval_plan(rec.parent, rec.checkpoint)
+    own = [fed.agents[name].agent.evaluation_counts(plan) for name in CLINICS]
+    assert all(c is not None and c.cases > 0 for c in own)
+    expected = np.sum([c.to_vector() for c in own if c is not None], axis=0)
+    assert summary["cases"] == sum(c.cases for c in own if c is not None)
+    assert summary["paired"] == expected[: 4 * len(CLASSES)].reshape(-1, 4).tolist()
+
+    # The gate's tables are the held-out set's plus the federation's.
+    evaluator = fed.service.coordinator.evaluator
+    assert evaluator is not None
+    checks = rec.metrics["gate"]["checks"]
+    for index, name in enumerate(CLASSES):
+        if name in checks:
+            holdout_n = int((evaluator.labels == index).sum())
+            assert checks[name]["n"] == holdout_n + summary["paired"][index][0]
+
+    stages = dict(ledger.round(2).stages)  # type: ignore[union-attr]
+    assert all(f"evaluate_{s}" in stages for s in EVAL_STAGES), stages
+    for name in CLINICS:
+        agent = fed.agents[name].agent
+        # An evaluation is not a round: it must not move the agent's round bookkeeping.
+        assert agent.last_round == 2
+        value = fed.agents[name].registry.get_sample_value(
+            "dermafed_agent_evaluations_total", {"result": "contributed"}
+        )
+        assert value == 1.0
+        train, held = agent._records()
+        assert held and not {r.lesion_id for r in train} & {r.lesion_id for r in held}
+        assert agent.slice_path.exists()
+
+
+def test_a_clinic_vanishing_mid_evaluation_costs_only_its_counts(fed: Federation):
+    _start(fed)
+    victim = fed.agents["clinic-c"].agent
+    original = victim.evaluation.step
+
+    def step(plan, task):
+        if task.stage == "share_keys":
+            victim.stop_event.set()
+            victim.client.close()
+            return None
+        return original(plan, task)
+
+    victim.evaluation.step = step  # type: ignore[method-assign]
+    fed.wait_rounds(2, timeout=240)
+    assert fed.service is not None
+    rec = fed.service.ledger.round(2)
+    assert rec is not None and rec.outcome in ("published", "rejected"), rec
+    assert rec.metrics is not None
+    summary = rec.metrics["federated_evaluation"]
+    assert summary["contributors"] == 2 and summary["note"] == ""
+    plan = _eval_plan(rec.parent, rec.checkpoint)
+    survivors = [fed.agents[n].agent.evaluation_counts(plan) for n in ("clinic-a", "clinic-b")]
+    assert summary["cases"] == sum(c.cases for c in survivors if c is not None)
+    events = {(e.clinic, e.event, e.detail) for e in fed.service.ledger.clinic_events(round=2)}
+    assert ("clinic-c", "dropped", "silent in stage evaluate_share_keys") in events
+
+
+def test_a_clinic_sending_negative_counts_gets_the_candidate_rejected(fed: Federation):
+    _start(fed)
+    liar = fed.agents["clinic-b"].agent
+
+    def counts(plan):
+        # "Minus 1000" in the ring: it would cancel the others' counts of class 0.
+        vector = np.zeros(COUNT_SPEC.numel, dtype=np.uint32)
+        vector[0] = 2**32 - 1000
+        return SimpleNamespace(cases=1, to_vector=lambda: vector)
+
+    liar.evaluation_counts = counts  # type: ignore[method-assign]
+    fed.wait_rounds(2, timeout=240)
+    assert fed.service is not None
+    rec = fed.service.ledger.round(2)
+    assert rec is not None and rec.outcome == "rejected", rec
+    assert "federated evaluation count sum failed the bound check" in rec.reason
+    assert fed.service.coordinator.published[1] == 1
+    failures = fed.service.registry.get_sample_value(
+        "dermafed_sum_check_failures_total", {"check": "count_bound"}
+    )
+    assert failures == 1.0
+
