@@ -59,9 +59,7 @@ def _start(fed: Federation, **validation: object) -> None:
     )
     fed.start_aggregator(config)
     for name in CLINICS:
-        fed.start_agent(
-            name, fed.clinic_config(name, evaluation=EvaluationSection(max_cases=12))
-        )
+        fed.start_agent(name, fed.clinic_config(name, evaluation=EvaluationSection(max_cases=12)))
 
 
 def _eval_plan(parent: str, candidate: str) -> federation_pb2.RoundPlan:
@@ -161,4 +159,3 @@ def test_a_clinic_sending_negative_counts_gets_the_candidate_rejected(fed: Feder
         "dermafed_sum_check_failures_total", {"check": "count_bound"}
     )
     assert failures == 1.0
-
