@@ -496,6 +496,11 @@ def round_to_proto(view: RoundView) -> admin_pb2.RoundSummary:
     sums = (view.metrics or {}).get("sum_checks")
     if isinstance(sums, Mapping):
         msg.sum_check_failed = str(sums.get("failed", ""))
+    federated = (view.metrics or {}).get("federated_evaluation")
+    if isinstance(federated, Mapping):
+        msg.federated_cases = int(federated.get("cases", 0) or 0)
+        msg.federated_contributors = int(federated.get("contributors", 0) or 0)
+        msg.federated_note = str(federated.get("note", ""))
     return msg
 
 

@@ -108,6 +108,7 @@ class ClinicAgent:
         # The evaluation slice (clinic_agent/eval_slice.py), read or chosen with the data.
         self.slice_path = self.state_dir / SLICE_FILE
         self._slice: EvaluationSlice | None = None
+        self._predictions: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
         self.last_round = 0
         self.history: list[RoundOutcome] = []
 
@@ -518,14 +519,26 @@ class ClinicAgent:
         held = capped(held, int(plan.evaluation_max_cases))
         if not held:
             return None
-        published, published_cfg = self._global_model(plan.parent_checkpoint)
-        candidate, candidate_cfg = self._global_model(plan.candidate_checkpoint)
-        images = self.images.load(held, published_cfg.input_size)
         labels = np.array([r.label for r in held], dtype=np.int64)
-        with torch_threads(self.config.training.threads or None):
-            cand = predict_proba(candidate_cfg, candidate, images, features=self.features)
-            pub = predict_proba(published_cfg, published, images, features=self.features)
-        return EvaluationCounts.of(labels, cand.argmax(axis=1), pub.argmax(axis=1), len(CLASSES))
+        cand = self._slice_predictions(plan.candidate_checkpoint, held)
+        pub = self._slice_predictions(plan.parent_checkpoint, held)
+        return EvaluationCounts.of(labels, cand, pub, len(CLASSES))
+
+    def _slice_predictions(self, checkpoint: str, held: list[Record]) -> np.ndarray:
+        """A checkpoint's predicted labels on the slice, scored once per checkpoint: the
+        published model is compared with a new candidate every round."""
+        key = (checkpoint, tuple(r.image_id for r in held))
+        cached = self._predictions.get(key)
+        if cached is None:
+            state, cfg = self._global_model(checkpoint)
+            images = self.images.load(held, cfg.input_size)
+            with torch_threads(self.config.training.threads or None):
+                probs = predict_proba(cfg, state, images, features=self.features)
+            cached = probs.argmax(axis=1)
+            self._predictions[key] = cached
+            while len(self._predictions) > 4:  # the published model and recent candidates
+                del self._predictions[next(iter(self._predictions))]
+        return cached
 
     def _local_data(self, model_cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
         records, _ = self._records()

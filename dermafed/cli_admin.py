@@ -276,6 +276,13 @@ def _print_gate(r: admin_pb2.RoundSummary) -> None:
     print(f"gate               {r.gate} by rule '{r.gate_rule or 'tolerance'}'")
     for i, line in enumerate(textwrap.wrap(r.gate_reason, 70) or [""]):
         print(("reason             " if i == 0 else " " * 19) + line)
+    if r.federated_cases:
+        print(
+            f"evidence           the held-out set + {r.federated_cases} cases from "
+            f"{r.federated_contributors} clinics' slices (secure federated evaluation)"
+        )
+    elif r.federated_note:
+        print(f"evidence           the held-out set only ({r.federated_note})")
     tests = sorted(r.gate_checks, key=lambda g: (g.name == "balanced_accuracy", g.name))
     if not tests:
         return

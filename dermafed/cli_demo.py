@@ -79,6 +79,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--epsilon-max", type=float, default=8.0, help="each clinic's privacy budget (default 8)"
     )
+    demo.add_argument(
+        "--no-federated-evaluation",
+        dest="federated_evaluation",
+        action="store_false",
+        help="the gate judges on the aggregator's held-out set only (by default the clinics "
+        "also score each candidate on their evaluation slices, summed securely)",
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--keep-running",
@@ -116,6 +123,7 @@ def _run(args: argparse.Namespace) -> int:
         aggregation=args.aggregation,
         dp=args.dp,
         epsilon_max=args.epsilon_max,
+        federated_evaluation=args.federated_evaluation,
         keep_running=args.keep_running,
         seed=args.seed,
     )

@@ -62,6 +62,8 @@ class DemoOptions:
     aggregation: str = "secure"
     dp: bool = True
     epsilon_max: float = 8.0
+    # Clinics score each candidate on their evaluation slices (summed securely).
+    federated_evaluation: bool = True
     max_images: int = 0
     seed: int = 0
     round_timeout_s: float = 1800.0
@@ -238,7 +240,10 @@ def write_configs(
                 # The cosine schedule decays over the demo's own rounds.
                 "lr_horizon_rounds": max(1, opts.rounds),
             },
-            "validation": {"holdout": holdout},
+            "validation": {
+                "holdout": holdout,
+                "federated_evaluation": opts.federated_evaluation,
+            },
         },
     )
     agent_cfgs = []
@@ -547,10 +552,14 @@ def _follow_rounds(
     out(format_table(ordered))
     total = sum(r.seconds for r in ordered)
     train = sum(r.stage_seconds.get("local_training", 0.0) for r in ordered)
+    evaluation = sum(
+        v for r in ordered for k, v in r.stage_seconds.items() if k.startswith("evaluate_")
+    )
     if total > 0:
         out(
             f"wall time {total:.1f}s in rounds: {train:.1f}s local training (slowest clinic per "
-            f"round), {total - train:.1f}s protocol, aggregation, validation and publishing"
+            f"round), {evaluation:.1f}s federated evaluation, {total - train - evaluation:.1f}s "
+            "protocol, aggregation, validation and publishing"
         )
     for c in clinics:
         if c.HasField("epsilon_spent"):

@@ -23,6 +23,8 @@ from aggregator.config import PlanSection, RoundsSection, ValidationSection
 from clinic_agent.config import EvaluationSection
 from common.datasets import CLASSES
 from common.federated_eval import COUNT_SPEC
+from dermafed.cli import main
+from dermafed.demo import write_toml
 from dermafed.v1 import federation_pb2
 
 EVAL_STAGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")
@@ -68,7 +70,9 @@ def _eval_plan(parent: str, candidate: str) -> federation_pb2.RoundPlan:
     )
 
 
-def test_clinics_evaluate_the_candidate_and_the_gate_pools_their_counts(fed: Federation):
+def test_clinics_evaluate_the_candidate_and_the_gate_pools_their_counts(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     _start(fed)
     fed.wait_rounds(2, timeout=240)
     assert fed.service is not None
@@ -109,6 +113,25 @@ def test_clinics_evaluate_the_candidate_and_the_gate_pools_their_counts(fed: Fed
         train, held = agent._records()
         assert held and not {r.lesion_id for r in train} & {r.lesion_id for r in held}
         assert agent.slice_path.exists()
+
+    # The operator sees how much evidence beyond the held-out set the decision had.
+    pair = fed.pki.admins["alice"]
+    cfg = tmp_path / "admin.toml"
+    write_toml(
+        cfg,
+        {
+            "federation": fed.pki.federation,
+            "aggregator": {"address": f"localhost:{fed.service.port}"},
+            "tls": {"ca_cert": fed.pki.ca_cert, "cert": pair.cert, "key": pair.key},
+        },
+    )
+    capsys.readouterr()
+    assert main(["admin", "--config", str(cfg), "gate", "2"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"the held-out set + {summary['cases']} cases from 3 clinics' slices (secure federated "
+        "evaluation)" in out
+    )
 
 
 def test_a_clinic_vanishing_mid_evaluation_costs_only_its_counts(fed: Federation):

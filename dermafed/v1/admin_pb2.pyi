@@ -159,6 +159,9 @@ class RoundSummary(_message.Message):
     GATE_REASON_FIELD_NUMBER: _builtins.int
     GATE_CHECKS_FIELD_NUMBER: _builtins.int
     SUM_CHECK_FAILED_FIELD_NUMBER: _builtins.int
+    FEDERATED_CASES_FIELD_NUMBER: _builtins.int
+    FEDERATED_CONTRIBUTORS_FIELD_NUMBER: _builtins.int
+    FEDERATED_NOTE_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     state: _builtins.str
     """stage name while running; outcome when finished"""
@@ -180,6 +183,13 @@ class RoundSummary(_message.Message):
     gate_reason: _builtins.str
     sum_check_failed: _builtins.str
     """Checks on the unmasked sum: the one that failed ("" if all passed or none ran)."""
+    federated_cases: _builtins.int
+    """Secure federated evaluation: the slice cases and clinics whose summed counts the
+    gate's tables include beyond the held-out set (0 when none), and why there were
+    none when it was skipped or aborted.
+    """
+    federated_contributors: _builtins.int
+    federated_note: _builtins.str
     @_builtins.property
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -212,10 +222,13 @@ class RoundSummary(_message.Message):
         gate_reason: _builtins.str = ...,
         gate_checks: _abc.Iterable[Global___GateCheck] | None = ...,
         sum_check_failed: _builtins.str = ...,
+        federated_cases: _builtins.int = ...,
+        federated_contributors: _builtins.int = ...,
+        federated_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "checkpoint", b"checkpoint", "cohort", b"cohort", "contributors", b"contributors", "finished_at", b"finished_at", "gate", b"gate", "gate_checks", b"gate_checks", "gate_reason", b"gate_reason", "gate_rule", b"gate_rule", "metrics", b"metrics", "outcome", b"outcome", "parent_checkpoint", b"parent_checkpoint", "reason", b"reason", "round", b"round", "stage_seconds", b"stage_seconds", "started_at", b"started_at", "state", b"state", "sum_check_failed", b"sum_check_failed", "train_loss", b"train_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "checkpoint", b"checkpoint", "cohort", b"cohort", "contributors", b"contributors", "federated_cases", b"federated_cases", "federated_contributors", b"federated_contributors", "federated_note", b"federated_note", "finished_at", b"finished_at", "gate", b"gate", "gate_checks", b"gate_checks", "gate_reason", b"gate_reason", "gate_rule", b"gate_rule", "metrics", b"metrics", "outcome", b"outcome", "parent_checkpoint", b"parent_checkpoint", "reason", b"reason", "round", b"round", "stage_seconds", b"stage_seconds", "started_at", b"started_at", "state", b"state", "sum_check_failed", b"sum_check_failed", "train_loss", b"train_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -247,9 +260,11 @@ class GateCheck(_message.Message):
     published: _builtins.float
     """the published model's value (NaN if not compared)"""
     cases: _builtins.int
-    """held-out cases of the class (0 for balanced_accuracy)"""
+    """cases of the class in the evidence: the held-out set's,"""
     candidate_only: _builtins.int
-    """cases only the candidate got right"""
+    """plus federated slices' when evaluated (0 for balanced_accuracy)
+    cases only the candidate got right
+    """
     published_only: _builtins.int
     """cases only the published model got right"""
     difference: _builtins.float
