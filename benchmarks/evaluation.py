@@ -16,7 +16,7 @@ slices, then a second secure-aggregation session over the counts). Then the summ
 Round 1 is never evaluated (its candidate is compared with the initial model, where only
 the floor applies), so ``--rounds`` should be at least 3. Nothing here is asserted.
 
-    python benchmarks/evaluation.py                 # 10 clinics, 4 rounds, both runs
+    python benchmarks/evaluation.py                 # 10 clinics, 6 rounds, both runs
     python benchmarks/evaluation.py --quick         # 3 clinics, 3 rounds, fewer images
 """
 
@@ -99,7 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 clinics, 3 rounds, 700 images")
     parser.add_argument("--clinics", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--epsilon-max",
+        type=float,
+        default=50.0,
+        help="each clinic's budget: large enough for every round (time, not privacy, is "
+        "measured here)",
+    )
     parser.add_argument("--max-images", type=int, default=2500)
     parser.add_argument("--data", type=Path, default=HAM)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary dir")
@@ -122,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 local_epochs=args.epochs,
                 max_images=args.max_images,
                 federated_evaluation=enabled,
+                epsilon_max=args.epsilon_max,
             )
             print(f"running the federation {label} federated evaluation ...", flush=True)
             results[label] = run(opts, label)

@@ -27,13 +27,20 @@ One process, the project's real code paths:
    encodes, so these sums are formed in float64 as the unmasked sum decodes them
    (``tests/test_sum_checks.py`` sends the same attacks through a real masked round).
    Poisoned candidates are judged, never published.
-4. **Pipelines** judged on every candidate against the same published model: ``v1``
+4. **Evaluation slices.** Each clinic keeps a fifth of its lesions (at most 200 images,
+   ``clinic_agent.eval_slice.choose_lesions``, the agent's default) out of training in
+   every pipeline, so all pipelines judge the same candidates.
+5. **Pipelines** judged on every candidate against the same published model: ``v1``
    (the fixed-tolerance rule, no checks on the sum: what shipped), ``harm`` (checks on
-   the unmasked sum, then the paired harm test: the new default) and ``noninferiority``
-   (sum checks, then the strict paired non-inferiority test). The honest federation
-   publishes what ``harm`` accepts; two more federations run with ``v1`` and
-   ``noninferiority`` deciding, to report the balanced accuracy each reaches on the test
-   lesions after the same number of rounds.
+   the unmasked sum, then the paired harm test on the held-out set), ``noninferiority``
+   (sum checks, then the strict paired non-inferiority test), and ``harm+fed`` /
+   ``noninf+fed``: the same with the clinics' slice counts pooled into the evidence, as
+   secure federated evaluation does (the counts are summed here in the clear through the
+   production count vector and its checks; the secure session returns exactly that sum,
+   as the tests show). The honest federation publishes what ``harm+fed`` (a secure
+   federation's default) accepts; the other pipelines run federations of their own, to
+   report the balanced accuracy each reaches on the test lesions after the same number
+   of rounds.
 
 Honest false-reject rates count the rounds after the first (against the initial model
 only the balanced-accuracy floor applies, and every rule accepts). Whether a candidate was
@@ -51,6 +58,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import sys
 import tempfile
@@ -79,10 +87,12 @@ from quality import (  # noqa: E402
 )
 
 from aggregator.fedavg import AggregateResult  # noqa: E402
+from aggregator.federated_evaluation import evidence_of  # noqa: E402
 from aggregator.gate import GateSettings, PairedEvidence, decide  # noqa: E402
 from aggregator.schedule import round_learning_rate  # noqa: E402
 from aggregator.sum_checks import SumBounds, SumCheckError, check_sum  # noqa: E402
 from clinic_agent.dp_training import train_dp  # noqa: E402
+from clinic_agent.eval_slice import choose_lesions  # noqa: E402
 from clinic_agent.privacy import MechanismStep  # noqa: E402
 from clinic_agent.training import (  # noqa: E402
     DP_LOGIT_ADJUSTMENT,
@@ -100,6 +110,7 @@ from common.datasets import (  # noqa: E402
 )
 from common.evaluation import compute_metrics, predict_proba  # noqa: E402
 from common.features import FeatureCache  # noqa: E402
+from common.federated_eval import EvaluationCounts, decode_sum  # noqa: E402
 from common.model import initial_state  # noqa: E402
 from common.partition import dirichlet_partition  # noqa: E402
 from common.secagg.messages import plan_quantization  # noqa: E402
@@ -107,6 +118,7 @@ from common.secagg.quantize import QuantizationPlan  # noqa: E402
 from common.tensors import flatten, specs_of, unflatten  # noqa: E402
 
 DELTA = 1e-5
+SLICE_MAX = 200  # the agent's default evaluation.max_cases
 EPSILON = 8.0
 HIGH_RISK = ("mel", "bcc", "akiec")
 KINDS = (
@@ -117,13 +129,17 @@ KINDS = (
     "random_at_bound",
     "tiny_weight",
 )
-PIPELINES: dict[str, tuple[str, bool]] = {
-    # name: (gate rule, checks on the unmasked sum)
-    "v1": ("tolerance", False),
-    "harm": ("harm", True),
-    "noninferiority": ("noninferiority", True),
+PIPELINES: dict[str, tuple[str, bool, bool]] = {
+    # name: (gate rule, checks on the unmasked sum, clinics' slices in the evidence)
+    "v1": ("tolerance", False, False),
+    "harm": ("harm", True, False),
+    "noninferiority": ("noninferiority", True, False),
+    "harm+fed": ("harm", True, True),
+    "noninf+fed": ("noninferiority", True, True),
 }
-DRIVER = "harm"  # the pipeline whose federation the poisoned candidates are judged in
+# The pipeline whose federation the poisoned candidates are judged in: the default of a
+# secure federation (sum checks, the harm rule, secure federated evaluation).
+DRIVER = "harm+fed"
 GOAL_HONEST_REJECT = 0.05
 
 
@@ -135,6 +151,8 @@ class Published:
     initial: bool
     # Its predictions on the test split, computed once for all the candidates judged on it.
     test_predicted: np.ndarray | None = None
+    # Its predictions on each clinic's evaluation slice (federated evaluation), once.
+    slice_predicted: list[np.ndarray] | None = None
 
 
 @dataclass
@@ -181,12 +199,43 @@ class Judge:
     """Scores candidates on the aggregator's held-out set and applies each pipeline."""
 
     def __init__(
-        self, recipe: Recipe, holdout: ClinicData, test: ClinicData, features: FeatureCache
+        self,
+        recipe: Recipe,
+        holdout: ClinicData,
+        test: ClinicData,
+        features: FeatureCache,
+        slices: Sequence[ClinicData] = (),
     ) -> None:
         self.model_cfg = recipe.model_config()
         self.holdout = holdout
         self.test = test
         self.features = features
+        self.slices = list(slices)
+
+    def _labels_on(self, state: dict[str, torch.Tensor], data: ClinicData) -> np.ndarray:
+        probs = predict_proba(self.model_cfg, state, data.images, features=self.features)
+        return np.nan_to_num(probs, nan=0.0).argmax(axis=1)
+
+    def federated(
+        self, candidate: dict[str, torch.Tensor], published: Published
+    ) -> PairedEvidence | None:
+        """What secure federated evaluation adds: the sum of every clinic's slice counts.
+
+        Summed here in the clear: the secure session returns exactly this sum
+        (tests/test_federated_eval.py, tests/test_federated_evaluation.py)."""
+        if not self.slices:
+            return None
+        if published.slice_predicted is None:
+            published.slice_predicted = [self._labels_on(published.state, s) for s in self.slices]
+        vectors = []
+        for data, pub in zip(self.slices, published.slice_predicted, strict=True):
+            cand = self._labels_on(candidate, data)
+            vectors.append(EvaluationCounts.of(data.labels, cand, pub, len(CLASSES)).to_vector())
+        summed = np.sum(vectors, axis=0, dtype=np.uint32)
+        counts = decode_sum(
+            summed, classes=len(CLASSES), contributors=len(self.slices), max_cases=SLICE_MAX
+        )
+        return evidence_of(counts)
 
     def worse_on_test(
         self, candidate: dict[str, torch.Tensor], published: Published, settings: GateSettings
@@ -244,7 +293,8 @@ class Judge:
         state: dict[str, torch.Tensor] | None = None
         scored: tuple[dict[str, Any], np.ndarray] | None = None
         verdicts: dict[str, Verdict] = {}
-        for name, (rule, sum_checks) in PIPELINES.items():
+        federated: PairedEvidence | None = None
+        for name, (rule, sum_checks, pooled) in PIPELINES.items():
             if sum_checks and sum_error is not None:
                 verdicts[name] = Verdict(False, f"sum:{sum_error.check}", str(sum_error))
                 continue
@@ -255,6 +305,12 @@ class Judge:
             evidence = PairedEvidence.from_predictions(
                 self.holdout.labels, predicted, published.predicted, CLASSES
             )
+            if pooled and not published.initial and state is not None:
+                # Like the coordinator: no federated evaluation against the initial model.
+                if federated is None:
+                    federated = self.federated(state, published)
+                if federated is not None:
+                    evidence = evidence + federated
             d = decide(
                 metrics,
                 published.metrics,
@@ -422,7 +478,7 @@ def run_setting(
     )
     settings = {
         name: GateSettings(rule=rule, margin=args.margin, alpha=args.alpha)
-        for name, (rule, _) in PIPELINES.items()
+        for name, (rule, _, _) in PIPELINES.items()
     }
     start = initial_state(recipe.model_config(), args.seed)
     specs = specs_of(start)
@@ -562,6 +618,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--features-file", type=Path, default=None)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--slice-fraction",
+        type=float,
+        default=0.2,
+        help="share of each clinic's lesions kept as its evaluation slice (0: none)",
+    )
     p.add_argument("--quick", action="store_true", help="a small subset and 3 rounds")
     p.add_argument("--train-images", type=int, default=None, help="clinic pool subset (lesions)")
     p.add_argument("--holdout-images", type=int, default=None, help="held-out subset")
@@ -617,7 +679,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     shards = dirichlet_partition(
         pool, args.clinics, args.alpha_dirichlet, args.seed, min_per_clinic=min_per
     )
+    # Each clinic keeps an evaluation slice it never trains on (the agent's default rule and
+    # code: a fifth of its lesions, at most SLICE_MAX images), in every pipeline, so every
+    # pipeline judges the same candidates; only the "+fed" ones use the slices.
+    slice_records = []
+    for i, shard in enumerate(shards):
+        lesions = choose_lesions(
+            shard,
+            fraction=args.slice_fraction,
+            max_cases=SLICE_MAX if args.slice_fraction > 0 else 0,
+            rng=random.Random(args.seed + 50 + i),
+        )
+        slice_records.append([r for r in shard if r.lesion_id in lesions])
+        shards[i] = [r for r in shard if r.lesion_id not in lesions]
     clinics = [load_set(cache, f"{tag}-clinic{i}", shard, size) for i, shard in enumerate(shards)]
+    slices = [
+        load_set(cache, f"{tag}-slice{i}", held, size)
+        for i, held in enumerate(slice_records)
+        if held
+    ]
     clinics = [
         ClinicData(f"clinic-{i + 1}", np.array(c.images), c.labels) for i, c in enumerate(clinics)
     ]
@@ -625,24 +705,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(
         f"data: test {len(test)} images; aggregator held-out {len(holdout_set)} "
         f"({', '.join(f'{c} {n}' for c, n in zip(CLASSES, counts, strict=True))}); clinics "
-        f"{[len(c) for c in clinics]} (Dirichlet α={args.alpha_dirichlet:g})"
+        f"{[len(c) for c in clinics]} (Dirichlet α={args.alpha_dirichlet:g}), their "
+        f"evaluation slices {[len(c) for c in slices]}"
     )
     features = FeatureCache()
     t0 = time.perf_counter()
     if args.features_file is not None and args.features_file.is_file():
         log(f"features: {features.load(args.features_file)} read from {args.features_file}")
     with torch_threads(args.threads):
-        for data in (*clinics, test, holdout_set):
+        for data in (*clinics, *slices, test, holdout_set):
             features.features(recipe.model_config(), data.images)
     if args.features_file is not None and features.computed:
         features.save(args.features_file)
     log(f"features: {features.computed} computed in {time.perf_counter() - t0:.1f}s")
-    judge = Judge(
-        recipe,
-        holdout_set,
-        test,
-        features,
-    )
+    judge = Judge(recipe, holdout_set, test, features, slices)
     secure = SecureAggregation(
         Path(tempfile.mkdtemp(prefix="pki-", dir=out)), [c.name for c in clinics]
     )

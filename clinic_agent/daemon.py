@@ -541,7 +541,12 @@ class ClinicAgent:
         return cached
 
     def _local_data(self, model_cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-        records, _ = self._records()
+        records, held = self._records()
+        if held:
+            # The slice's fixed front-end features, once per image, while the round is
+            # prepared: an evaluation then runs only the two heads.
+            with torch_threads(self.config.training.threads or None):
+                self.features.warm(model_cfg, self.images.load(held, model_cfg.input_size))
         self.metrics.local_examples.set(len(records))
         if not records:
             return (

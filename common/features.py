@@ -71,6 +71,7 @@ class FeatureCache:
         self._entries: OrderedDict[tuple[str, bytes], np.ndarray] = OrderedDict()
         self._bytes = 0
         self._frontends: dict[str, nn.Module] = {}
+        self._no_frontend: set[str] = set()
         # One lock for everything: computing under it also keeps two threads from
         # computing the same images twice.
         self._lock = threading.Lock()
@@ -90,6 +91,23 @@ class FeatureCache:
         digests = [_digest(im) for im in images_uint8]
         with self._lock:
             return self._features_locked(model_cfg, images_uint8, digests)
+
+    def warm(self, model_cfg: ModelConfig, images_uint8: np.ndarray) -> int:
+        """Compute the features of ``images`` ahead of need (a clinic's evaluation slice,
+        while it prepares a round), so scoring later runs only the head. Returns how many
+        were computed; 0 for a model without a fixed front end, which needs none."""
+        key = frontend_key(model_cfg)
+        if len(images_uint8) == 0 or key in self._no_frontend:
+            return 0
+        with self._lock:
+            try:
+                self._frontend(model_cfg)
+            except ValueError:
+                self._no_frontend.add(key)
+                return 0
+        before = self.computed
+        self.features(model_cfg, images_uint8)
+        return self.computed - before
 
     def _features_locked(
         self, model_cfg: ModelConfig, images_uint8: np.ndarray, digests: list[bytes]

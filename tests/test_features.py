@@ -238,3 +238,13 @@ def test_saved_features_are_served_after_loading_without_recomputing(tmp_path):
     assert second.load(tmp_path / "features.npz") == 4
     np.testing.assert_array_equal(second.features(SCATTER, images), expected)
     assert second.computed == 0
+
+
+def test_warming_computes_missing_features_once_and_nothing_without_a_front_end():
+    cache = FeatureCache()
+    images = _images(3)
+    assert cache.warm(SCATTER, images) == 3
+    assert cache.warm(SCATTER, images) == 0  # already there: scoring runs the head only
+    assert cache.computed == 3
+    assert cache.warm(ModelConfig(input_size=32, width=8), images) == 0  # trains end to end
+    assert cache.warm(SCATTER, images[:0]) == 0
