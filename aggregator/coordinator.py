@@ -623,8 +623,7 @@ class Coordinator:
                 # without a decision (the candidate stays on disk, unpublished).
                 running.evaluation.state.abort(why)
                 running.evaluation.mode.abort(why)
-                checkpoint = running.pending.checkpoint if running.pending else None
-                self._finish_locked(running, "aborted", why, self._clock(), checkpoint=checkpoint)
+                self._abort_pending_locked(running, why)
                 return
             running.state.abort(why)
             self._settle_locked(self._clock())
@@ -1158,6 +1157,10 @@ class Coordinator:
             aggregate_seconds=aggregate_seconds,
             validate_seconds=eval_seconds,
         )
+        with self._cond:
+            # Recorded now, not at the decision: a restart during the federated evaluation
+            # leaves a listed (so retention-managed) candidate, never a stray file.
+            self.ledger.record_checkpoint(cid, st.number, st.parent, self._clock(), metrics)
         running.pending = pending
         return pending
 
@@ -1167,7 +1170,6 @@ class Coordinator:
         wanted = (
             validation.federated_evaluation
             and isinstance(running.mode, SecureMode)
-            and self.ca_cert is not None
             and self.gate.enabled
             and self.gate.rule != "tolerance"
             and pending.holdout_evidence is not None
@@ -1176,7 +1178,7 @@ class Coordinator:
                 self._published_metrics, self.gate, published_is_initial=self._published[1] == 0
             )
         )
-        if not wanted or self.ca_cert is None:
+        if not wanted or self.ca_cert is None:  # a secure round always has the CA
             return False
         contributors = pending.result.contributors
         threshold = evaluation_threshold(len(contributors), self.config.rounds.min_clinics)
@@ -1211,16 +1213,18 @@ class Coordinator:
         )
         return True
 
-    def _federated_counts(self, running: RunningRound) -> EvaluationCounts | None:
-        """The evaluation's checked count sum, or None (with a note) when there is none."""
+    def _federated_counts(
+        self, running: RunningRound
+    ) -> tuple[EvaluationCounts | None, tuple[str, ...]]:
+        """The evaluation's checked count sum and its clinics, or None (with a note)."""
         evaluation = running.evaluation
         if evaluation is None or evaluation.state.phase is not Phase.READY:
-            return None
+            return None, ()
         try:
             return summed_counts(evaluation)
         except SecAggAbortedError as exc:
             running.evaluation_note = f"federated evaluation failed to unmask: {exc}"
-            return None
+            return None, ()
 
     def _decide(self, running: RunningRound) -> None:
         """The gate's decision on the pending candidate, recorded and applied."""
@@ -1228,9 +1232,10 @@ class Coordinator:
         pending = running.pending
         assert pending is not None
         counts: EvaluationCounts | None = None
+        evaluated: tuple[str, ...] = ()
         try:
             try:
-                counts = self._federated_counts(running)
+                counts, evaluated = self._federated_counts(running)
             except CountCheckError as exc:
                 # Honest clinics cannot produce this sum: someone lied about their counts.
                 self.metrics.sum_check_failures.labels(check=f"count_{exc.check}").inc()
@@ -1253,13 +1258,7 @@ class Coordinator:
         except Exception as exc:  # a failed decision must abort, never half-publish
             log.exception("round %d: the gate's decision failed", st.number)
             with self._cond:
-                self._finish_locked(
-                    running,
-                    "aborted",
-                    f"finalisation failed: {exc}",
-                    self._clock(),
-                    checkpoint=pending.checkpoint,
-                )
+                self._abort_pending_locked(running, f"finalisation failed: {exc}")
             return
         result, cid, metrics = pending.result, pending.checkpoint, pending.metrics
         with self._cond:
@@ -1276,15 +1275,15 @@ class Coordinator:
                 self.metrics.stage_duration.labels(stage="validate").observe(
                     pending.validate_seconds
                 )
-            self.ledger.record_checkpoint(cid, st.number, st.parent, now, metrics)
             recorded = dict(metrics or {})
             recorded["sum_checks"] = pending.sum_report
             if running.evaluation is not None or running.evaluation_note:
-                evaluated = running.evaluation.state.alive if running.evaluation else ()
                 recorded["federated_evaluation"] = summary(
-                    counts, sorted(evaluated) if counts is not None else (), running.evaluation_note
+                    counts, evaluated, running.evaluation_note
                 )
             self.metrics.gate_decisions.labels(rule=decision.rule, verdict=decision.verdict).inc()
+            self.metrics.federated_cases.set(counts.cases if counts is not None else 0)
+            self.metrics.federated_contributors.set(len(evaluated))
             reason = decision.reason
             if running.evaluation_note:
                 reason = f"{reason} [{running.evaluation_note}]"
@@ -1317,6 +1316,20 @@ class Coordinator:
                 metrics=recorded or None,
                 candidate_metrics=metrics,
             )
+
+    def _abort_pending_locked(self, running: RunningRound, reason: str) -> None:
+        """End a round whose candidate is formed (and recorded) but undecided: the round is
+        aborted and the candidate stays on disk for inspection, unpublished."""
+        now = self._clock()
+        pending = running.pending
+        self._finish_locked(
+            running,
+            "aborted",
+            reason,
+            now,
+            checkpoint=pending.checkpoint if pending is not None else None,
+            contributors=pending.result.contributors if pending is not None else (),
+        )
 
     def _finish_locked(
         self,

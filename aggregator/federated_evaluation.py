@@ -106,19 +106,21 @@ def start_evaluation(
     return RunningRound(state, plan, mode)
 
 
-def summed_counts(evaluation: RunningRound) -> EvaluationCounts:
-    """Unmask the session's sum and check it (:class:`CountCheckError` on failure)."""
+def summed_counts(evaluation: RunningRound) -> tuple[EvaluationCounts, tuple[str, ...]]:
+    """Unmask the session's sum and check it (:class:`CountCheckError` on failure); with
+    the clinics whose counts are in it."""
     mode = evaluation.mode
     if not isinstance(mode, SecureMode):
         raise TypeError("an evaluation session is a secure one")
     summed = mode.server.finalize_ring()
-    contributors = len(mode.server.participants.get("U3", ()))
-    return decode_sum(
+    contributors = tuple(sorted(mode.server.participants.get("U3", ())))
+    counts = decode_sum(
         summed,
         classes=len(CLASSES),
-        contributors=max(1, contributors),
+        contributors=max(1, len(contributors)),
         max_cases=evaluation.plan.evaluation_max_cases,
     )
+    return counts, contributors
 
 
 def evidence_of(counts: EvaluationCounts, classes: Sequence[str] = CLASSES) -> PairedEvidence:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from aggregator.gate import RULES
 from aggregator.sum_checks import CHECKS
 from common.build_info import register_build_info
+from common.federated_eval import COUNT_CHECKS
 from common.secagg.messages import STAGES
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -192,17 +193,29 @@ class AggregatorMetrics:
             ["check"],
             registry=registry,
         )
+        self.federated_cases = Gauge(
+            "dermafed_federated_evaluation_cases",
+            "Last decided round: evaluation-slice cases whose summed counts the gate pooled "
+            "with the held-out set (0 when the round had no federated evaluation).",
+            registry=registry,
+        )
+        self.federated_contributors = Gauge(
+            "dermafed_federated_evaluation_contributors",
+            "Last decided round: clinics in the federated evaluation's secure sum.",
+            registry=registry,
+        )
         for rule in (*RULES, "off"):
             for verdict in ("accept", "reject"):
                 self.gate_decisions.labels(rule=rule, verdict=verdict)
-        for check in CHECKS:
+        for check in (*CHECKS, *(f"count_{c}" for c in COUNT_CHECKS)):
             self.sum_check_failures.labels(check=check)
         for outcome in ("published", "rejected", "aborted"):
             self.rounds.labels(outcome=outcome)
         for kind in ("automatic", "admin"):
             self.rollbacks.labels(kind=kind)
         # Pre-create the label children so increase() sees the first event of each series.
-        for stage in (*STAGES, "train", "aggregate", "validate"):
+        evaluation = tuple(f"evaluate_{s}" for s in STAGES)
+        for stage in (*STAGES, *evaluation, "train", "aggregate", "validate"):
             self.stage_duration.labels(stage=stage)
             self.dropouts.labels(stage=stage)
         for reason in (

@@ -78,6 +78,10 @@ def count_length(classes: int) -> int:
 COUNT_SPEC = TensorSpec("evaluation_counts", (count_length(len(CLASSES)),), "uint32")
 
 
+#: The checks on a count sum, as CountCheckError.check names them.
+COUNT_CHECKS = ("shape", "bound", "total", "consistency")
+
+
 class CountCheckError(InvalidUpdateError):
     """The summed counts are impossible for honest clinics; ``check`` names the check."""
 
@@ -224,6 +228,7 @@ def _confusion(labels: np.ndarray, predicted: np.ndarray, classes: int) -> npt.N
 
 
 __all__ = [
+    "COUNT_CHECKS",
     "COUNT_SPEC",
     "ClassCounts",
     "CountCheckError",

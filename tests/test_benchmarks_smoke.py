@@ -254,3 +254,24 @@ def test_gate_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         # pipeline has no sum checks, so nothing it rejects is attributed to them.
         assert result["poisoned"]["tiny_weight"]["harm"]["by_sum"] == 1
         assert all(result["poisoned"][k]["v1"]["by_sum"] == 0 for k in bench.KINDS)
+
+
+def test_evaluation_benchmark_reports_the_share_of_the_evaluated_rounds() -> None:
+    """The federations themselves are the demo's (tested in test_demo.py) and the
+    evaluation's (test_federated_evaluation.py); here: what the report computes."""
+    bench = load_benchmark("evaluation")
+    from dermafed.demo import RoundRow
+
+    def row(number: int, seconds: float, **stages: float) -> RoundRow:
+        return RoundRow(number, "published", "3/3", None, None, 0.3, None, seconds, stages)
+
+    on = [
+        row(1, 30.0, local_training=25.0),  # against the initial model: not evaluated
+        row(2, 10.0, local_training=5.0, evaluate_advertise=1.5, evaluate_unmask=0.5),
+        row(3, 14.0, local_training=5.0, evaluate_advertise=3.0, evaluate_share_keys=1.0),
+    ]
+    off = [row(1, 29.0), row(2, 8.0), row(3, 10.0)]
+    text = bench.report(on, off, 3)
+    assert "evaluation's share of the rounds it ran in (2): 6.0s of 24.0s = 25.0%" in text
+    assert "9.0s mean against 12.0s with it (x1.33)" in text
+    assert "no round ran a federated evaluation" in bench.report(on[:1], off, 3)

@@ -10,6 +10,7 @@ rejected by a named check.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -100,6 +101,9 @@ def test_clinics_evaluate_the_candidate_and_the_gate_pools_their_counts(
             holdout_n = int((evaluator.labels == index).sum())
             assert checks[name]["n"] == holdout_n + summary["paired"][index][0]
 
+    registry = fed.service.registry
+    assert registry.get_sample_value("dermafed_federated_evaluation_cases") == summary["cases"]
+    assert registry.get_sample_value("dermafed_federated_evaluation_contributors") == 3
     stages = dict(ledger.round(2).stages)  # type: ignore[union-attr]
     assert all(f"evaluate_{s}" in stages for s in EVAL_STAGES), stages
     for name in CLINICS:
@@ -182,3 +186,33 @@ def test_a_clinic_sending_negative_counts_gets_the_candidate_rejected(fed: Feder
         "dermafed_sum_check_failures_total", {"check": "count_bound"}
     )
     assert failures == 1.0
+
+
+def test_an_operator_abort_during_evaluation_ends_the_round_and_keeps_the_candidate(
+    fed: Federation,
+):
+    _start(fed)
+    slow = fed.agents["clinic-a"].agent
+    original = slow.evaluation_counts
+
+    def counts(plan):
+        time.sleep(3.0)  # keeps the evaluation's first stage open long enough to abort it
+        return original(plan)
+
+    slow.evaluation_counts = counts  # type: ignore[method-assign]
+    assert fed.service is not None
+    coord = fed.service.coordinator
+
+    def evaluating() -> bool:
+        current = coord.status().current
+        return current is not None and current.state.startswith("evaluate_")
+
+    assert coord.wait_until(evaluating, 240), coord.status()
+    coord.abort_round(2, "operator test", actor="alice")
+    fed.wait_rounds(2, timeout=60)
+    rec = fed.service.ledger.round(2)
+    assert rec is not None and rec.outcome == "aborted" and "operator test" in rec.reason
+    # The formed candidate is recorded (unpublished), and round 1's model stays published.
+    assert rec.checkpoint and coord.store.exists(rec.checkpoint)
+    assert rec.checkpoint in {c.id for c in fed.service.ledger.checkpoints(limit=10)}
+    assert coord.published[1] == 1
