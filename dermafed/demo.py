@@ -9,6 +9,7 @@ in the work dir for inspection.
 
 from __future__ import annotations
 
+import math
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,6 +269,8 @@ def write_configs(
                 if opts.dp
                 else {"mode": "off"},
                 "network": {"poll_wait_s": 5.0, "backoff_max_s": 5.0},
+                # Its training progress, which the demo prints while the clinics train.
+                "metrics": {"listen": f"127.0.0.1:{free_port()}"},
             },
         )
         agent_cfgs.append(path)
@@ -460,7 +464,11 @@ def run_demo(opts: DemoOptions, out: Callable[[str], None] = print) -> list[Roun
         for clinic, cfg in zip(clinics, agent_cfgs, strict=True):
             fed.spawn(clinic, ["agent", "run", "--config", str(cfg)])
         out(f"agents    {', '.join(clinics)} started")
-        rows = _follow_rounds(opts, fed, load_admin_config(admin_cfg), out)
+        agent_metrics = [
+            (clinic, f"http://{tomllib.loads(cfg.read_text())['metrics']['listen']}/metrics")
+            for clinic, cfg in zip(clinics, agent_cfgs, strict=True)
+        ]
+        rows = _follow_rounds(opts, fed, load_admin_config(admin_cfg), out, agent_metrics)
         if opts.keep_running:
             out("")
             out("the federation keeps running (Ctrl-C stops it); drive it from another terminal:")
@@ -496,9 +504,14 @@ def _wait_for_port(port_file: Path, fed: Federation, timeout: float = 120.0) -> 
 
 
 def _follow_rounds(
-    opts: DemoOptions, fed: Federation, admin_config: object, out: Callable[[str], None]
+    opts: DemoOptions,
+    fed: Federation,
+    admin_config: object,
+    out: Callable[[str], None],
+    agent_metrics: Sequence[tuple[str, str]] = (),
 ) -> list[RoundRow]:
-    """Print progress and one table row per finished round, through the admin API."""
+    """Print progress and one table row per finished round, through the admin API (and
+    each agent's training progress from its ``/metrics``)."""
     client = AdminClient(admin_config)  # type: ignore[arg-type]
     rows: dict[int, RoundRow] = {}
     last_state = ""
@@ -514,15 +527,7 @@ def _follow_rounds(
                     time.sleep(0.5)
                     continue
                 raise
-            state = ""
-            if st.HasField("current_round"):
-                cur = st.current_round
-                state = f"round {cur.round}: {cur.state} (cohort {', '.join(cur.cohort)})"
-            elif len(st.connected_clinics) < opts.clinics:
-                state = f"waiting for clinics ({len(st.connected_clinics)}/{opts.clinics})"
-            if state and state != last_state:
-                out(f"  ... {state}")
-                last_state = state
+            # Finished rounds first, then what runs now: the lines come out in order.
             for summary in sorted(finished, key=lambda r: r.round):
                 if summary.round in rows:
                     continue
@@ -538,7 +543,20 @@ def _follow_rounds(
                 )
                 if row.gate == "accept" and row.gate_reason:
                     out(f"      gate ({row.gate_rule}): {row.gate_reason}")
-                last_state = ""
+            state = ""
+            # (A round in ``rows`` finished between the two calls: the next status says more.)
+            if st.HasField("current_round") and st.current_round.round not in rows:
+                cur = st.current_round
+                state = f"round {cur.round}: {cur.state} (cohort {', '.join(cur.cohort)})"
+                if cur.state in TRAINING_STAGES:
+                    progress = training_progress(agent_metrics, cur.round)
+                    if progress:
+                        state = f"round {cur.round}: training {progress}"
+            elif len(st.connected_clinics) < opts.clinics:
+                state = f"waiting for clinics ({len(st.connected_clinics)}/{opts.clinics})"
+            if state and state != last_state:
+                out(f"  ... {state}")
+                last_state = state
             if st.rounds_completed >= opts.rounds and not st.HasField("current_round"):
                 clinics = client.clinics().clinics
                 break
@@ -569,6 +587,35 @@ def _follow_rounds(
                 f"({c.rounds_contributed} round(s), {c.declines} declined)"
             )
     return ordered
+
+
+# The stages during which clinics train (plain rounds: "train"; secure: the masked input).
+TRAINING_STAGES = frozenset({"train", "masked_input"})
+PROGRESS_GAUGES = ("dermafed_agent_training_progress_ratio", "dermafed_agent_training_round")
+
+
+def training_progress(agents: Sequence[tuple[str, str]], round_number: int) -> str:
+    """``"40% (clinic-1 60%, clinic-2 20%)"`` from the agents' progress gauges for
+    ``round_number``, in steps of 10 %; "" when no agent reports it (yet)."""
+    shares = []
+    for name, url in agents:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                text = response.read().decode()
+        except OSError:
+            continue
+        values = {}
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key in PROGRESS_GAUGES:
+                values[key] = float(value)
+        if values.get("dermafed_agent_training_round") == round_number:
+            ratio = values.get("dermafed_agent_training_progress_ratio", 0.0)
+            shares.append((name, math.floor(10 * ratio) * 10))
+    if not shares:
+        return ""
+    mean = math.floor(sum(p for _, p in shares) / len(shares) / 10) * 10
+    return f"{mean}% (" + ", ".join(f"{n} {p}%" for n, p in shares) + ")"
 
 
 def format_table(rows: Sequence[RoundRow]) -> str:

@@ -36,3 +36,33 @@ def test_a_work_dir_a_running_federation_uses_is_not_wiped(tmp_path: Path):
         assert (state / "ledger.sqlite").read_bytes() == b"in use"
     prepare_workdir(workdir)  # stopped: the work dir is reused
     assert not (state / "ledger.sqlite").exists()
+
+
+def test_training_progress_is_read_from_each_agents_metrics_for_the_running_round():
+    from prometheus_client import CollectorRegistry
+
+    from clinic_agent.metrics import AgentMetrics
+    from common.listen import start_metrics_server
+    from dermafed.demo import free_port, training_progress
+
+    servers, agents = [], []
+    try:
+        for name, (round_number, ratio) in {
+            "c1": (4, 0.63),
+            "c2": (4, 0.2),
+            "c3": (3, 1.0),
+        }.items():
+            registry = CollectorRegistry()
+            metrics = AgentMetrics(registry)
+            metrics.training_round.set(round_number)
+            metrics.training_progress.set(ratio)
+            listen = f"127.0.0.1:{free_port()}"
+            servers.append(start_metrics_server(listen, registry))
+            agents.append((name, f"http://{listen}/metrics"))
+        agents.append(("gone", f"http://127.0.0.1:{free_port()}/metrics"))  # nobody there
+        # c3 still reports round 3, and "gone" answers nothing: neither counts for round 4.
+        assert training_progress(agents, 4) == "40% (c1 60%, c2 20%)"
+        assert training_progress(agents, 5) == ""
+    finally:
+        for server in servers:
+            server.shutdown()

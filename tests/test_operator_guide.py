@@ -129,9 +129,12 @@ def test_the_guides_federation_trains_and_answers_every_day_two_command(guide_fe
             outputs[line] = done.stdout
     assert "gate" in outputs["dermafed admin --config admin.toml gate 2"]
     assert "clinic-3" in outputs["dermafed admin --config admin.toml clinics"]
-    assert "excluded" in outputs[
-        'dermafed admin --config admin.toml exclude clinic-3 --reason "scanner replaced"'
-    ]
+    assert (
+        "excluded"
+        in outputs[
+            'dermafed admin --config admin.toml exclude clinic-3 --reason "scanner replaced"'
+        ]
+    )
     assert (work / "backup" / "aggregator" / "MANIFEST.json").is_file()
     assert (work / "backup" / "clinic-1" / "MANIFEST.json").is_file()
 
