@@ -32,6 +32,41 @@ RETRYABLE = frozenset(
 )
 
 
+# What a failed connection's details say about the cause, for the operator: gRPC reports
+# every handshake failure as UNAVAILABLE with the TLS library's words in the details.
+_HINTS = (
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the aggregator's certificate is not signed by this clinic's tls.ca_cert: is it the "
+        "federation's ca.crt?",
+    ),
+    (
+        "not in peer certificate",
+        "the aggregator's certificate does not name the host in aggregator.address "
+        "(its --dns when it was issued)",
+    ),
+    (
+        "Socket closed",
+        "the aggregator closed the connection during the TLS handshake: it does not accept "
+        "this clinic's certificate (issued by another CA, or expired); `dermafed config "
+        "check --role agent` checks the files, the federation's operator checks the CA",
+    ),
+    (
+        "Connection refused",
+        "nothing listens at aggregator.address (the aggregator is down, or a wrong port)",
+    ),
+    ("DNS resolution failed", "aggregator.address's host name does not resolve"),
+)
+
+
+def connection_hint(details: str) -> str:
+    """A likely cause of a failed connection, from its gRPC details ("" when unknown)."""
+    for marker, hint in _HINTS:
+        if marker in details:
+            return hint
+    return ""
+
+
 @dataclass(frozen=True)
 class Task:
     kind: str  # "idle" | "train" | "secagg" | "evaluate"

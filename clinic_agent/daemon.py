@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 from cryptography import x509
 
-from clinic_agent.client import RETRYABLE, FederationClient
+from clinic_agent.client import RETRYABLE, FederationClient, connection_hint
 from clinic_agent.config import ClinicConfig
 from clinic_agent.dp_training import train_dp
 from clinic_agent.eval_slice import SLICE_FILE, EvaluationSlice, capped
@@ -120,6 +120,7 @@ class ClinicAgent:
         backoff = Backoff(net.backoff_initial_s, net.backoff_max_s, self._rng)
         log.info("clinic %s polling %s", self.clinic_id, self.config.aggregator.address)
         refused_since: float | None = None
+        last_hint = ""  # said once per cause, not at every retry
         while not self.stop_event.is_set():
             self._follow_certificate_rotation()
             try:
@@ -157,10 +158,15 @@ class ClinicAgent:
                     exc.details(),
                     delay,
                 )
+                hint = connection_hint(exc.details() or "")
+                if hint and hint != last_hint:
+                    log.warning("cannot reach the aggregator: %s", hint)
+                last_hint = hint
                 self.stop_event.wait(delay)
                 continue
             self.metrics.connected.set(1)
             refused_since = None
+            last_hint = ""
             backoff.reset()
             fresh = task.plan is not None and task.plan.round > self.last_round
             if task.kind == "train" and task.plan is not None and fresh:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pki_fixtures import CertPair, FederationPKI, make_federation
 
+from clinic_agent.client import connection_hint
 from common import pki
 from common.identity import (
     Identity,
@@ -339,6 +340,8 @@ def test_certificate_from_a_foreign_ca_fails_the_handshake(
     err = _rpc_error(lambda: _call(server.target, foreign, fed.ca_cert))
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     assert server.handled == 0
+    # The agent can only see the socket close; it says what that most likely means.
+    assert "does not accept this clinic's certificate" in connection_hint(err.details())
 
 
 def test_client_refuses_a_server_from_a_foreign_ca(fed: FederationPKI, server: ProbeServer) -> None:
@@ -346,6 +349,18 @@ def test_client_refuses_a_server_from_a_foreign_ca(fed: FederationPKI, server: P
     err = _rpc_error(lambda: _call(server.target, pair, fed.foreign_ca_cert))
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     assert server.handled == 0
+    assert "not signed by this clinic's tls.ca_cert" in connection_hint(err.details())
+
+
+def test_a_port_nobody_listens_on_gets_its_own_hint(fed: FederationPKI) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = _rpc_error(lambda: _call(f"localhost:{port}", fed.clinics["clinic-a"], fed.ca_cert))
+    assert "nothing listens at aggregator.address" in connection_hint(err.details())
+    assert connection_hint("some other failure") == ""
 
 
 def test_expired_certificate_fails_the_handshake(fed: FederationPKI, server: ProbeServer) -> None:
