@@ -48,7 +48,7 @@ from aggregator.federated_evaluation import (
     summed_counts,
 )
 from aggregator.gate import GateDecision, PairedEvidence, compares, decide
-from aggregator.ledger import Ledger
+from aggregator.ledger import AuditEntry, Ledger
 from aggregator.membership import Membership
 from aggregator.metrics import AggregatorMetrics
 from aggregator.privacy_floor import PrivacyFloor
@@ -772,6 +772,10 @@ class Coordinator:
                 )
             )
         return views
+
+    def audit_log(self, limit: int) -> list[AuditEntry]:
+        """The newest ``limit`` audited admin actions."""
+        return self.ledger.audit_log(limit)
 
     def audit(self, actor: str, action: str, detail: dict[str, object]) -> None:
         self.ledger.audit(actor, action, detail, self._clock())

@@ -6,6 +6,7 @@ No federation rule lives here; it all sits in :mod:`aggregator.coordinator` and
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -681,6 +682,23 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
             if v.excluded_reason is not None:
                 info.excluded = True
                 info.excluded_reason = v.excluded_reason
+        return out
+
+    def ListAudit(
+        self, request: admin_pb2.ListAuditRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ListAuditResponse:
+        self._identity(context, "ListAudit", "admin")
+        limit = min(request.limit or 50, 1000)
+        entries = self._call(context, "ListAudit", lambda: self.coordinator.audit_log(limit))
+        out = admin_pb2.ListAuditResponse()
+        for e in entries:
+            out.entries.add(
+                id=e.id,
+                at=e.at,
+                actor=e.actor,
+                action=e.action,
+                detail_json=json.dumps(e.detail, sort_keys=True),
+            )
         return out
 
     def SetClinicExcluded(

@@ -90,5 +90,8 @@ class AdminClient:
             timeout=self.timeout_s,
         )
 
+    def audit(self, limit: int = 50) -> admin_pb2.ListAuditResponse:
+        return self.stub.ListAudit(admin_pb2.ListAuditRequest(limit=limit), timeout=self.timeout_s)
+
     def close(self) -> None:
         self.channel.close()

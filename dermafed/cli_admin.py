@@ -75,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         member.add_argument("clinic", help="the clinic id, as 'clinics' shows it")
         member.add_argument("--reason", required=True, help="why; recorded in the audit log")
         member.set_defaults(func=_run(_set_excluded(excluded)))
+    audit = actions.add_parser("audit", help="the audit log: who did what, newest first")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.set_defaults(func=_run(_audit))
     # `--json` also after the action (`admin rounds --json`); SUPPRESS keeps the value given
     # before the action when it is not repeated after it.
     for action_parser in actions.choices.values():
@@ -128,6 +131,11 @@ def _run(
 
 def _status(c: AdminClient, a: argparse.Namespace) -> Message:
     return c.status()
+
+
+def _audit(c: AdminClient, a: argparse.Namespace) -> Message:
+    _non_negative(a.limit, "--limit")
+    return c.audit(limit=a.limit)
 
 
 def _rounds(c: AdminClient, a: argparse.Namespace) -> Message:
@@ -388,6 +396,13 @@ def _print_human(action: str, resp: Message) -> None:
                 for c in resp.checkpoints
             ],
         )
+    elif isinstance(resp, admin_pb2.ListAuditResponse):
+        _table(
+            ["when", "actor", "action", "detail"],
+            [[_when(e.at), e.actor, e.action, e.detail_json] for e in resp.entries],
+        )
+        if not resp.entries:
+            print("no admin action recorded yet")
     elif isinstance(resp, admin_pb2.ListClinicsResponse):
         _table(
             [

@@ -546,6 +546,7 @@ ADMIN_CALLS = {
         admin_pb2.SetClinicExcludedRequest(clinic="clinic-z", excluded=False, reason="t"),
         timeout=5,
     ),
+    "ListAudit": lambda s: s.ListAudit(admin_pb2.ListAuditRequest(), timeout=5),
 }
 
 
@@ -637,6 +638,16 @@ def test_admin_cli_tables_and_json(fed, capsys, tmp_path):
     assert "included again" in capsys.readouterr().out
     assert main(["admin", "--config", str(cfg), "include", "clinic-b", "--reason", "x"]) == 1
     assert "FAILED_PRECONDITION" in capsys.readouterr().err
+    # The audit log shows who did what, newest first, with the reasons.
+    assert main(["admin", "--config", str(cfg), "audit"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["when", "actor", "action", "detail"]
+    assert "include_clinic" in lines[1] and '"reason": "back"' in lines[1]
+    assert "spiffe://" in lines[1] and "/admin/alice" in lines[1]
+    assert "exclude_clinic" in lines[2] and "moving" in lines[2]
+    assert main(["admin", "--config", str(cfg), "audit", "--limit", "1", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)["entries"]
+    assert len(entries) == 1 and entries[0]["action"] == "include_clinic"
     # --json after the action, too.
     assert main(["admin", "--config", str(cfg), "clinics", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["clinics"]

@@ -84,6 +84,11 @@ class AdminStub:
                 request_serializer=dermafed_dot_v1_dot_admin__pb2.SetClinicExcludedRequest.SerializeToString,
                 response_deserializer=dermafed_dot_v1_dot_admin__pb2.SetClinicExcludedResponse.FromString,
                 _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/dermafed.v1.Admin/ListAudit',
+                request_serializer=dermafed_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=dermafed_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -153,6 +158,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAudit(self, request, context):
+        """The audit log: every admin action with the caller's identity, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +217,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetClinicExcluded,
                     request_deserializer=dermafed_dot_v1_dot_admin__pb2.SetClinicExcludedRequest.FromString,
                     response_serializer=dermafed_dot_v1_dot_admin__pb2.SetClinicExcludedResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=dermafed_dot_v1_dot_admin__pb2.ListAuditRequest.FromString,
+                    response_serializer=dermafed_dot_v1_dot_admin__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -477,6 +494,33 @@ class Admin:
             '/dermafed.v1.Admin/SetClinicExcluded',
             dermafed_dot_v1_dot_admin__pb2.SetClinicExcludedRequest.SerializeToString,
             dermafed_dot_v1_dot_admin__pb2.SetClinicExcludedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dermafed.v1.Admin/ListAudit',
+            dermafed_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
+            dermafed_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,
