@@ -25,6 +25,7 @@ from typing import TextIO
 
 import grpc
 
+from clinic_agent.config import EvaluationSection
 from common import pki
 from common.datasets import CLASSES, group_split, load_records
 from common.errors import InUseError
@@ -88,10 +89,12 @@ class DemoOptions:
 
 
 def demo_batch_size(opts: DemoOptions, shards: Path, clinics: int) -> int:
-    """The recipe's batch, capped so the smallest clinic fills a few batches per epoch."""
+    """The recipe's batch, capped so the smallest clinic fills a few batches per epoch (of
+    what it trains on: its evaluation slice stays out)."""
     recipe = RECIPE_PLANS[opts.model_arch].batch_size
     smallest = min(len(load_records(shards / f"clinic-{i}.csv")) for i in range(1, clinics + 1))
-    return max(DEMO_MIN_BATCH, min(recipe, smallest // DEMO_BATCHES_PER_EPOCH))
+    training = int(smallest * (1.0 - EvaluationSection().fraction))
+    return max(DEMO_MIN_BATCH, min(recipe, training // DEMO_BATCHES_PER_EPOCH))
 
 
 @dataclass
@@ -387,7 +390,7 @@ def prepare_data(opts: DemoOptions, workdir: Path, out: Callable[[str], None]) -
     if source is None:
         # Enough images that each clinic's DP budget lasts the demo's rounds.
         source = generate_synthetic(
-            workdir / "data" / "synthetic", images_per_class=120, seed=opts.seed
+            workdir / "data" / "synthetic", images_per_class=150, seed=opts.seed
         )
         out(f"data      synthetic lesion-like images (generated, not patient data): {source}")
     else:
