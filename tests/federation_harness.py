@@ -197,6 +197,21 @@ class Federation:
         )
         return path
 
+    def write_admin_toml(self, path: Path, admin: str = "alice") -> Path:
+        """An admin.toml for the running aggregator, for tests that run `dermafed admin`."""
+        if self.service is None:
+            raise RuntimeError("start the aggregator first")
+        pair = self.pki.admins[admin]
+        write_toml(
+            path,
+            {
+                "federation": self.pki.federation,
+                "aggregator": {"address": f"localhost:{self.service.port}"},
+                "tls": {"ca_cert": self.pki.ca_cert, "cert": pair.cert, "key": pair.key},
+            },
+        )
+        return path
+
     def start_agent(self, name: str, config: ClinicConfig | None = None) -> RunningAgent:
         registry = CollectorRegistry()
         agent = ClinicAgent(config or self.clinic_config(name), metrics=AgentMetrics(registry))

@@ -599,20 +599,10 @@ def test_authorisation_matrix_for_every_admin_method(fed):
 
 def test_admin_cli_tables_and_json(fed, capsys, tmp_path):
     from dermafed.cli import main
-    from dermafed.demo import write_toml
 
     service, stubs = _start(fed, max_rounds=1)
     _run_round(service, stubs, 1, _bias_delta(service.coordinator, {MEL: 1.0}))
-    pair = fed.pki.admins["alice"]
-    cfg = tmp_path / "admin.toml"
-    write_toml(
-        cfg,
-        {
-            "federation": fed.pki.federation,
-            "aggregator": {"address": f"localhost:{service.port}"},
-            "tls": {"ca_cert": fed.pki.ca_cert, "cert": pair.cert, "key": pair.key},
-        },
-    )
+    cfg = fed.write_admin_toml(tmp_path / "admin.toml")
     assert main(["admin", "--config", str(cfg), "status"]) == 0
     out = capsys.readouterr().out
     assert "published          round 1" in out
@@ -672,7 +662,6 @@ def test_admin_cli_tables_and_json(fed, capsys, tmp_path):
 def test_a_refused_crl_reload_fails_loudly_and_keeps_the_old_list(fed, capsys, tmp_path):
     """Before, ReloadRevocations answered success when the new CRL was refused."""
     from dermafed.cli import main
-    from dermafed.demo import write_toml
 
     service = fed.start_aggregator()
     pki = fed.pki
@@ -695,16 +684,7 @@ def test_a_refused_crl_reload_fails_loudly_and_keeps_the_old_list(fed, capsys, t
     audit = [a.action for a in service.ledger.audit_log()]
     assert "reload_revocations_refused" in audit
 
-    pair = pki.admins["alice"]
-    cfg = tmp_path / "admin.toml"
-    write_toml(
-        cfg,
-        {
-            "federation": pki.federation,
-            "aggregator": {"address": f"localhost:{service.port}"},
-            "tls": {"ca_cert": pki.ca_cert, "cert": pair.cert, "key": pair.key},
-        },
-    )
+    cfg = fed.write_admin_toml(tmp_path / "admin.toml")
     assert main(["admin", "--config", str(cfg), "reload-revocations"]) == 1
     err_line = capsys.readouterr().err.strip()
     assert err_line.startswith("dermafed admin: FAILED_PRECONDITION: the CRL was refused")

@@ -25,7 +25,6 @@ from clinic_agent.config import EvaluationSection
 from common.datasets import CLASSES
 from common.federated_eval import COUNT_SPEC
 from dermafed.cli import main
-from dermafed.demo import write_toml
 from dermafed.v1 import federation_pb2
 
 EVAL_STAGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")
@@ -119,16 +118,7 @@ def test_clinics_evaluate_the_candidate_and_the_gate_pools_their_counts(
         assert agent.slice_path.exists()
 
     # The operator sees how much evidence beyond the held-out set the decision had.
-    pair = fed.pki.admins["alice"]
-    cfg = tmp_path / "admin.toml"
-    write_toml(
-        cfg,
-        {
-            "federation": fed.pki.federation,
-            "aggregator": {"address": f"localhost:{fed.service.port}"},
-            "tls": {"ca_cert": fed.pki.ca_cert, "cert": pair.cert, "key": pair.key},
-        },
-    )
+    cfg = fed.write_admin_toml(tmp_path / "admin.toml")
     capsys.readouterr()
     assert main(["admin", "--config", str(cfg), "gate", "2"]) == 0
     out = capsys.readouterr().out
