@@ -856,16 +856,24 @@ class Coordinator:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            ready: RunningRound | None = None
-            with self._cond:
-                now = self._clock()
-                ready = self._settle_locked(now)
-                if self._running is None and not self._stop.is_set():
-                    self._maybe_start_locked(now)
-                if ready is None:
-                    self._cond.wait(0.2)
-            if ready is not None:
-                self._finalize(ready)
+            self.step(wait_s=0.2)
+
+    def step(self, wait_s: float = 0.0) -> bool:
+        """One turn of the round loop in the caller's thread: close stages whose deadline
+        passed or whose clinics all answered, start a round when one is due, and finalise
+        a round that is ready (slow: outside the lock). The loop thread calls it with a
+        wait for the next event; tests call it directly, with a fake clock and no thread.
+        Returns whether a round was finalised (or its evaluation started)."""
+        with self._cond:
+            now = self._clock()
+            ready = self._settle_locked(now)
+            if self._running is None and not self._stop.is_set():
+                self._maybe_start_locked(now)
+            if ready is None and wait_s > 0:
+                self._cond.wait(wait_s)
+        if ready is not None:
+            self._finalize(ready)
+        return ready is not None
 
     def _settle_locked(self, now: float) -> RunningRound | None:
         """Advance the running round (or its evaluation session); returns the round when it
