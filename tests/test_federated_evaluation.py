@@ -155,6 +155,40 @@ def test_a_clinic_vanishing_mid_evaluation_costs_only_its_counts(fed: Federation
     assert ("clinic-c", "dropped", "silent in stage evaluate_share_keys") in events
 
 
+def test_an_evaluation_that_loses_too_many_clinics_leaves_the_decision_to_the_holdout(
+    fed: Federation,
+):
+    _start(fed)
+    for name in ("clinic-b", "clinic-c"):  # 1 of 3 left: below the threshold of 2
+        agent = fed.agents[name].agent
+        original = agent.evaluation.step
+
+        def step(plan, task, agent=agent, original=original):
+            if task.stage == "share_keys":
+                agent.stop_event.set()
+                agent.client.close()
+                return None
+            return original(plan, task)
+
+        agent.evaluation.step = step  # type: ignore[method-assign]
+    fed.wait_rounds(2, timeout=240)
+    assert fed.service is not None
+    rec = fed.service.ledger.round(2)
+    assert rec is not None and rec.outcome in ("published", "rejected"), rec
+    assert rec.metrics is not None
+    summary = rec.metrics["federated_evaluation"]
+    assert summary["contributors"] == 0 and "cases" not in summary
+    assert summary["note"].startswith("federated evaluation aborted: only 1 clinic(s) left")
+    assert "[federated evaluation aborted" in rec.metrics["gate"]["reason"]
+    # The decision stands on the held-out set alone: its tables have only its own cases.
+    evaluator = fed.service.coordinator.evaluator
+    assert evaluator is not None
+    for index, name in enumerate(CLASSES):
+        check = rec.metrics["gate"]["checks"].get(name)
+        if check is not None:
+            assert check["n"] == int((evaluator.labels == index).sum())
+
+
 def test_a_clinic_sending_negative_counts_gets_the_candidate_rejected(fed: Federation):
     _start(fed)
     liar = fed.agents["clinic-b"].agent
