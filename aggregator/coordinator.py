@@ -114,6 +114,7 @@ KNOWN_DECLINE_REASONS = frozenset(
         "privacy_ledger_error",
         "no_data",
         "no_evaluation_slice",
+        "not_a_contributor",
     }
 )
 

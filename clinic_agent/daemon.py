@@ -109,6 +109,10 @@ class ClinicAgent:
         self.slice_path = self.state_dir / SLICE_FILE
         self._slice: EvaluationSlice | None = None
         self._predictions: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+        # The parent each round trained from, and the last round this clinic contributed
+        # to with its parent: the only candidate it will evaluate (see may_evaluate).
+        self._trained_from: dict[int, str] = {}
+        self._contributed: tuple[int, str] = (0, "")
         self.last_round = 0
         self.history: list[RoundOutcome] = []
 
@@ -273,6 +277,7 @@ class ClinicAgent:
         """
         number = int(plan.round)
         global_state, model_cfg = self._global_model(plan.parent_checkpoint)
+        self._trained_from[number] = plan.parent_checkpoint
         images, labels = self._local_data(model_cfg)
         if len(labels) == 0:
             return self.decline(number, "no_data", f"no images under {self.config.data.path}")
@@ -390,6 +395,8 @@ class ClinicAgent:
         self, number: int, update: TrainedUpdate, sent: int, total_seconds: float
     ) -> RoundOutcome:
         self.last_round = number
+        self._contributed = (number, self._trained_from.get(number, ""))
+        self._trained_from = {number: self._contributed[1]}
         self.metrics.sent_bytes.inc(sent)
         self.metrics.round_duration.labels(phase="protocol").observe(
             max(0.0, total_seconds - update.train_seconds)
@@ -518,6 +525,14 @@ class ClinicAgent:
         train, held = self._slice.split(records)
         self.metrics.evaluation_cases.set(len(held))
         return train, held
+
+    def may_evaluate(self, round_number: int, parent: str) -> bool:
+        """Whether to score a candidate for ``round_number`` from ``parent``: only for the
+        round this clinic last contributed to, from the model it trained from. The
+        aggregator chooses the model the clinics score, so each evaluation is a question
+        about the slices; this limits a dishonest aggregator to one per round the clinic
+        trained in (one evaluation per session is enforced by the session itself)."""
+        return (round_number, parent) == self._contributed and bool(parent)
 
     def evaluation_counts(self, plan: federation_pb2.RoundPlan) -> EvaluationCounts | None:
         """Both models' counts on the evaluation slice (at most the plan's cases)."""

@@ -31,8 +31,10 @@ from dermafed.v1 import federation_pb2
 
 log = logging.getLogger("dermafed.agent")
 
-#: Decline reason of a clinic without an evaluation slice.
+#: Decline reasons: a clinic without an evaluation slice; a session for a round (or from a
+#: parent) this clinic did not train in.
 NO_SLICE = "no_evaluation_slice"
+NOT_CONTRIBUTED = "not_a_contributor"
 
 
 class EvaluationHost(Protocol):
@@ -45,6 +47,10 @@ class EvaluationHost(Protocol):
 
     def evaluation_counts(self, plan: federation_pb2.RoundPlan) -> EvaluationCounts | None:
         """Both models' counts on the slice (at most the plan's cases); None: no slice."""
+        ...
+
+    def may_evaluate(self, round_number: int, parent: str) -> bool:
+        """Whether this clinic contributed to ``round_number``, trained from ``parent``."""
         ...
 
 
@@ -124,17 +130,29 @@ class EvaluationRounds:
     def _open(self, plan: federation_pb2.RoundPlan, evaluated: int) -> _Session | None:
         agent = self.agent
         number = int(plan.round)
+        if not agent.may_evaluate(evaluated, plan.parent_checkpoint):
+            log.warning(
+                "round %d's evaluation: this clinic did not contribute to that round from "
+                "checkpoint %s; declining",
+                evaluated,
+                plan.parent_checkpoint[:12],
+            )
+            self._decline(number, NOT_CONTRIBUTED, "not a contributor to the evaluated round")
+            return None
         counts = agent.evaluation_counts(plan)
         if counts is None or counts.cases == 0:
             log.info("round %d's evaluation: no evaluation slice; declining", evaluated)
-            self._end(number, "declined")
-            try:
-                agent.client.decline(number, NO_SLICE, "this clinic keeps no evaluation slice")
-            except grpc.RpcError as exc:
-                log.warning("could not deliver the evaluation decline: %s", exc.details())
+            self._decline(number, NO_SLICE, "this clinic keeps no evaluation slice")
             return None
         self._session = _Session(number, self.identity.session(plan, agent.clinic_id), counts)
         return self._session
+
+    def _decline(self, number: int, reason: str, detail: str) -> None:
+        self._end(number, "declined")
+        try:
+            self.agent.client.decline(number, reason, detail)
+        except grpc.RpcError as exc:
+            log.warning("could not deliver the evaluation decline: %s", exc.details())
 
     def _end(self, number: int, result: str) -> None:
         self.agent.metrics.evaluations.labels(result=result).inc()
