@@ -381,6 +381,7 @@ def test_agent_picks_up_new_cases_between_rounds_without_restart(federation, tmp
 def test_certificates_rotate_without_dropping_the_federation(federation):
     """A clinic's certificate is re-issued and the old one revoked while everything runs."""
     from aggregator.config import RoundsSection
+    from clinic_agent.privacy import PrivacyConfig
     from common import pki as pki_ops
 
     cfg = federation.aggregator_config(
@@ -393,7 +394,10 @@ def test_certificates_rotate_without_dropping_the_federation(federation):
     )
     service = federation.start_aggregator(cfg)
     for name in CLINICS:
-        federation.start_agent(name)
+        # A budget that lasts: the round running when the rotation lands may go on without
+        # clinic-a, and the next one must still fit the clinics' ε.
+        config = federation.clinic_config(name, privacy=PrivacyConfig(epsilon_max=1000.0))
+        federation.start_agent(name, config)
     federation.wait_rounds(1)
     old = federation.pki.clinics["clinic-a"]
     fresh, revoked = pki_ops.renew(federation.pki.ca_dir, "clinic", "clinic-a", old.cert.parent)
