@@ -478,3 +478,45 @@ def test_dockerfile_exposes_the_manifests_ports(base):
         int(p) for kw, arg in dockerfile_instructions() if kw == "EXPOSE" for p in arg.split()
     }
     assert set(container_ports(one(base, "StatefulSet")).values()) == exposed
+
+
+def test_the_readme_steps_give_the_example_overlay_certificates_and_volumes_it_accepts(
+    example, tmp_path: Path
+):
+    """README's Kubernetes block, run with the real CLI: a CA for the overlay's federation,
+    an aggregator certificate that names the Service clinics in the cluster dial; and
+    every volume claim the overlay mounts is one it creates."""
+    from cryptography import x509
+
+    from common.identity import identity_from_certificate
+    from common.pki import load_certificate
+    from dermafed.cli import main
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("dermafed pki init --federation example-fed")
+    block = readme[start : readme.index("```", start)].replace("\\\n", " ")
+    federation = tomllib.loads((K8S / "overlays" / "example" / "aggregator.toml").read_text())[
+        "federation"
+    ]
+    for line in block.splitlines():
+        if line.startswith("dermafed pki "):
+            args = [a for a in shlex.split(line)[1:] if a != "--encrypt"]
+            args = [str(tmp_path / a) if a.startswith("pki/") else a for a in args]
+            assert main(args) == 0, line
+    cert = load_certificate(tmp_path / "pki" / "aggregator" / "aggregator.crt")
+    identity = identity_from_certificate(cert, federation)
+    assert identity.role == "aggregator"
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    service = one(example, "Service", "dermafed-aggregator")
+    in_cluster = f"dermafed-aggregator.{service['metadata']['namespace']}.svc"
+    assert in_cluster in names.get_values_for_type(x509.DNSName)
+
+    claims = {
+        volume["persistentVolumeClaim"]["claimName"]
+        for volume in one(example, "StatefulSet", "dermafed-aggregator")["spec"]["template"][
+            "spec"
+        ]["volumes"]
+        if "persistentVolumeClaim" in volume
+    }
+    created = {d["metadata"]["name"] for d in example if d["kind"] == "PersistentVolumeClaim"}
+    assert claims and claims <= created
