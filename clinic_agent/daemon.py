@@ -519,6 +519,7 @@ class ClinicAgent:
                 fraction=ev.fraction,
                 max_cases=ev.max_cases,
                 rng=random.Random(secrets.randbits(64)),
+                keep=self.config.privacy.min_examples if self.privacy.enabled else 1,
             )
         if self._slice is None:
             return records, []

@@ -47,11 +47,13 @@ class EvaluationSlice:
         fraction: float,
         max_cases: int,
         rng: random.Random,
+        keep: int = 0,
     ) -> EvaluationSlice:
-        """The stored slice, or a new one chosen from ``records`` and stored at ``path``."""
+        """The stored slice, or a new one chosen from ``records`` and stored at ``path``
+        (leaving at least ``keep`` images to train on)."""
         if path.exists():
             return cls.load(path)
-        chosen = choose_lesions(records, fraction=fraction, max_cases=max_cases, rng=rng)
+        chosen = choose_lesions(records, fraction=fraction, max_cases=max_cases, rng=rng, keep=keep)
         document = {"version": _VERSION, "lesions": sorted(chosen)}
         atomic_write(path, json.dumps(document, indent=1).encode(), mode=0o640)
         return cls(frozenset(chosen))
@@ -79,10 +81,17 @@ class EvaluationSlice:
 
 
 def choose_lesions(
-    records: Sequence[Record], *, fraction: float, max_cases: int, rng: random.Random
+    records: Sequence[Record],
+    *,
+    fraction: float,
+    max_cases: int,
+    rng: random.Random,
+    keep: int = 0,
 ) -> set[str]:
     """A random ``fraction`` of the lesions (rounded down), whole lesions only, holding at
-    most ``max_cases`` images; empty when ``max_cases`` is 0 or there are too few lesions."""
+    most ``max_cases`` images and leaving at least ``keep`` to train on (a small clinic
+    would otherwise fall below DP-SGD's minimum and decline every round); empty when
+    ``max_cases`` is 0 or there are too few lesions."""
     images: dict[str, int] = {}
     for r in records:
         images[r.lesion_id] = images.get(r.lesion_id, 0) + 1
@@ -91,10 +100,11 @@ def choose_lesions(
     rng.shuffle(order)
     chosen: set[str] = set()
     cases = 0
+    limit = min(max_cases, len(records) - keep)
     for lesion in order:
         if len(chosen) >= wanted:
             break
-        if cases + images[lesion] <= max_cases:
+        if cases + images[lesion] <= limit:
             chosen.add(lesion)
             cases += images[lesion]
     return chosen

@@ -192,6 +192,8 @@ class Federation:
                 "tls": {"ca_cert": self.pki.ca_cert, "cert": pair.cert, "key": pair.key},
                 "data": {"path": self.shards[name]},
                 "storage": {"state_dir": state_dir},
+                # No evaluation slice, as in clinic_config (30 images are few to train on).
+                "evaluation": {"max_cases": 0},
                 **sections,
             },
         )

@@ -31,6 +31,9 @@ def test_the_slice_holds_whole_lesions_up_to_the_fraction_and_the_cap():
     capped_choice = choose_lesions(records, fraction=0.2, max_cases=7, rng=random.Random(1))
     assert len(capped_choice) == 3  # 2 images a lesion, at most 7 images
     assert choose_lesions(records, fraction=0.2, max_cases=0, rng=random.Random(1)) == set()
+    # A small clinic keeps enough to train on (DP-SGD's minimum): 100 images, keep 96.
+    kept = choose_lesions(records, fraction=0.2, max_cases=1000, rng=random.Random(1), keep=96)
+    assert len(kept) == 2
     assert choose_lesions(_records(4), fraction=0.2, max_cases=99, rng=random.Random(1)) == set()
 
 
