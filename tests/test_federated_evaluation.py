@@ -64,6 +64,21 @@ def _start(fed: Federation, **validation: object) -> None:
         fed.start_agent(name, fed.clinic_config(name, evaluation=EvaluationSection(max_cases=12)))
 
 
+def _vanish_in_evaluation(fed: Federation, clinic: str, stage: str) -> None:
+    """Make ``clinic`` disappear when its evaluation session reaches ``stage``."""
+    agent = fed.agents[clinic].agent
+    original = agent.evaluation.step
+
+    def step(plan, task):
+        if task.stage == stage:
+            agent.stop_event.set()
+            agent.client.close()
+            return None
+        return original(plan, task)
+
+    agent.evaluation.step = step  # type: ignore[method-assign]
+
+
 def _eval_plan(parent: str, candidate: str) -> federation_pb2.RoundPlan:
     return federation_pb2.RoundPlan(
         parent_checkpoint=parent, candidate_checkpoint=candidate, evaluation_max_cases=500
@@ -130,17 +145,7 @@ def test_clinics_evaluate_the_candidate_and_the_gate_pools_their_counts(
 
 def test_a_clinic_vanishing_mid_evaluation_costs_only_its_counts(fed: Federation):
     _start(fed)
-    victim = fed.agents["clinic-c"].agent
-    original = victim.evaluation.step
-
-    def step(plan, task):
-        if task.stage == "share_keys":
-            victim.stop_event.set()
-            victim.client.close()
-            return None
-        return original(plan, task)
-
-    victim.evaluation.step = step  # type: ignore[method-assign]
+    _vanish_in_evaluation(fed, "clinic-c", "share_keys")
     fed.wait_rounds(2, timeout=240)
     assert fed.service is not None
     rec = fed.service.ledger.round(2)
@@ -160,17 +165,7 @@ def test_an_evaluation_that_loses_too_many_clinics_leaves_the_decision_to_the_ho
 ):
     _start(fed)
     for name in ("clinic-b", "clinic-c"):  # 1 of 3 left: below the threshold of 2
-        agent = fed.agents[name].agent
-        original = agent.evaluation.step
-
-        def step(plan, task, agent=agent, original=original):
-            if task.stage == "share_keys":
-                agent.stop_event.set()
-                agent.client.close()
-                return None
-            return original(plan, task)
-
-        agent.evaluation.step = step  # type: ignore[method-assign]
+        _vanish_in_evaluation(fed, name, "share_keys")
     fed.wait_rounds(2, timeout=240)
     assert fed.service is not None
     rec = fed.service.ledger.round(2)
