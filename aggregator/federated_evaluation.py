@@ -15,7 +15,7 @@ count sum that fails its checks rejects the candidate (:class:`CountCheckError`)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -140,18 +140,11 @@ def summary(
     out: dict[str, Any] = {"contributors": len(contributors), "note": note}
     if counts is not None:
         out.update(counts.to_json())
-        out["sensitivity"] = _sensitivities(counts)
-    return out
-
-
-def _sensitivities(counts: EvaluationCounts) -> Mapping[str, dict[str, float]]:
-    out = {}
-    for name, c in zip(CLASSES, counts.paired, strict=True):
-        if c.n:
-            out[name] = {
-                "candidate": (c.both + c.candidate_only) / c.n,
-                "published": (c.both + c.published_only) / c.n,
-            }
+        out["sensitivity"] = {
+            name: {"candidate": t.candidate_sensitivity, "published": t.published_sensitivity}
+            for name, t in evidence_of(counts).tables.items()
+            if t.n
+        }
     return out
 
 
