@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from clinic_agent.config import EvaluationSection
 from common import pki
@@ -607,11 +608,12 @@ def training_progress(agents: Sequence[tuple[str, str]], round_number: int) -> s
                 text = response.read().decode()
         except OSError:
             continue
-        values = {}
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key in PROGRESS_GAUGES:
-                values[key] = float(value)
+        values = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name in PROGRESS_GAUGES
+        }
         if values.get("dermafed_agent_training_round") == round_number:
             ratio = values.get("dermafed_agent_training_progress_ratio", 0.0)
             shares.append((name, math.floor(10 * ratio) * 10))
