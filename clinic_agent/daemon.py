@@ -108,6 +108,8 @@ class ClinicAgent:
         # The evaluation slice (clinic_agent/eval_slice.py), read or chosen with the data.
         self.slice_path = self.state_dir / SLICE_FILE
         self._slice: EvaluationSlice | None = None
+        # The slice's records as the last prepared round read them (one folder scan a round).
+        self._held: list[Record] = []
         self._predictions: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
         # The parent each round trained from, and the last round this clinic contributed
         # to with its parent: the only candidate it will evaluate (see may_evaluate).
@@ -536,9 +538,9 @@ class ClinicAgent:
         return (round_number, parent) == self._contributed and bool(parent)
 
     def evaluation_counts(self, plan: federation_pb2.RoundPlan) -> EvaluationCounts | None:
-        """Both models' counts on the evaluation slice (at most the plan's cases)."""
-        _, held = self._records()
-        held = capped(held, int(plan.evaluation_max_cases))
+        """Both models' counts on the evaluation slice (at most the plan's cases), as read
+        when the evaluated round was prepared (may_evaluate requires that round)."""
+        held = capped(self._held, int(plan.evaluation_max_cases))
         if not held:
             return None
         labels = np.array([r.label for r in held], dtype=np.int64)
@@ -564,6 +566,7 @@ class ClinicAgent:
 
     def _local_data(self, model_cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
         records, held = self._records()
+        self._held = held
         if held:
             # The slice's fixed front-end features, once per image, while the round is
             # prepared: an evaluation then runs only the two heads.
