@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from federation_harness import CLINICS, Federation, make_shards
 from pki_fixtures import make_federation
 
 from aggregator.config import PlanSection, RoundsSection, ValidationSection
+from aggregator.ledger import RoundRecord
 from clinic_agent.config import EvaluationSection
 from common.datasets import CLASSES
 from common.federated_eval import COUNT_SPEC
@@ -79,6 +81,16 @@ def _vanish_in_evaluation(fed: Federation, clinic: str, stage: str) -> None:
     agent.evaluation.step = step  # type: ignore[method-assign]
 
 
+def _decided_round_two(fed: Federation) -> tuple[RoundRecord, dict[str, Any]]:
+    """Round 2 once decided, and what its federated evaluation left in the ledger."""
+    fed.wait_rounds(2, timeout=240)
+    assert fed.service is not None
+    rec = fed.service.ledger.round(2)
+    assert rec is not None and rec.outcome in ("published", "rejected"), rec
+    assert rec.metrics is not None
+    return rec, rec.metrics["federated_evaluation"]
+
+
 def _eval_plan(parent: str, candidate: str) -> federation_pb2.RoundPlan:
     return federation_pb2.RoundPlan(
         parent_checkpoint=parent, candidate_checkpoint=candidate, evaluation_max_cases=500
@@ -89,13 +101,9 @@ def test_clinics_evaluate_the_candidate_and_the_gate_pools_their_counts(
     fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     _start(fed)
-    fed.wait_rounds(2, timeout=240)
-    assert fed.service is not None
+    rec, summary = _decided_round_two(fed)
+    assert fed.service is not None and rec.metrics is not None
     ledger = fed.service.ledger
-    rec = ledger.round(2)
-    assert rec is not None and rec.outcome in ("published", "rejected"), rec
-    assert rec.metrics is not None
-    summary = rec.metrics["federated_evaluation"]
     assert summary["contributors"] == 3 and summary["note"] == ""
 
     # The secure sum is exactly the sum of what each clinic computes on its own slice.
@@ -146,12 +154,8 @@ def test_clinics_evaluate_the_candidate_and_the_gate_pools_their_counts(
 def test_a_clinic_vanishing_mid_evaluation_costs_only_its_counts(fed: Federation):
     _start(fed)
     _vanish_in_evaluation(fed, "clinic-c", "share_keys")
-    fed.wait_rounds(2, timeout=240)
-    assert fed.service is not None
-    rec = fed.service.ledger.round(2)
-    assert rec is not None and rec.outcome in ("published", "rejected"), rec
-    assert rec.metrics is not None
-    summary = rec.metrics["federated_evaluation"]
+    rec, summary = _decided_round_two(fed)
+    assert fed.service is not None and rec.metrics is not None
     assert summary["contributors"] == 2 and summary["note"] == ""
     plan = _eval_plan(rec.parent, rec.checkpoint)
     survivors = [fed.agents[n].agent.evaluation_counts(plan) for n in ("clinic-a", "clinic-b")]
@@ -166,12 +170,8 @@ def test_an_evaluation_that_loses_too_many_clinics_leaves_the_decision_to_the_ho
     _start(fed)
     for name in ("clinic-b", "clinic-c"):  # 1 of 3 left: below the threshold of 2
         _vanish_in_evaluation(fed, name, "share_keys")
-    fed.wait_rounds(2, timeout=240)
-    assert fed.service is not None
-    rec = fed.service.ledger.round(2)
-    assert rec is not None and rec.outcome in ("published", "rejected"), rec
-    assert rec.metrics is not None
-    summary = rec.metrics["federated_evaluation"]
+    rec, summary = _decided_round_two(fed)
+    assert fed.service is not None and rec.metrics is not None
     assert summary["contributors"] == 0 and "cases" not in summary
     assert summary["note"].startswith("federated evaluation aborted: only 1 clinic(s) left")
     assert "[federated evaluation aborted" in rec.metrics["gate"]["reason"]
