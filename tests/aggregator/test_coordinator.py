@@ -46,7 +46,7 @@ class FakeClock:
         self.now += seconds
 
 
-def _config(tmp: Path, **rounds: object) -> AggregatorConfig:
+def _config(tmp: Path, validation: ValidationSection, **rounds: object) -> AggregatorConfig:
     settings: dict[str, object] = {
         "aggregation": "plain",
         "min_clinics": 2,
@@ -63,7 +63,7 @@ def _config(tmp: Path, **rounds: object) -> AggregatorConfig:
         model=MODEL,
         rounds=RoundsSection(**settings),  # type: ignore[arg-type]
         plan=PlanSection(delta_clip_norm=0.0),
-        validation=ValidationSection(gate=False),
+        validation=validation,
     )
 
 
@@ -72,9 +72,13 @@ class Harness:
         self, tmp: Path, clock: FakeClock, evaluator: HoldoutEvaluator | None = None, **rounds
     ):
         self.tmp, self.clock, self.evaluator = tmp, clock, evaluator
-        self.config = _config(tmp, **rounds)
-        if evaluator is not None:
-            self.config = _with_gate(self.config)
+        # With a held-out set, the default rule compares even with a near-chance model.
+        validation = (
+            ValidationSection(gate=False)
+            if evaluator is None
+            else ValidationSection(rule="harm", chance_margin=-1.0)
+        )
+        self.config = _config(tmp, validation, **rounds)
         self.config.storage.state_dir.mkdir(parents=True, exist_ok=True)
         self.coord = self.reopen()
 
@@ -111,12 +115,6 @@ class Harness:
 
     def zeros(self) -> np.ndarray:
         return np.zeros(total_numel(self.coord.specs), np.float32)
-
-
-def _with_gate(config: AggregatorConfig) -> AggregatorConfig:
-    from dataclasses import replace
-
-    return replace(config, validation=ValidationSection(rule="harm", chance_margin=-1.0))
 
 
 @pytest.fixture
